@@ -1,0 +1,1974 @@
+#!/usr/bin/env python3
+"""oden: spread independent tasks over many machines with one file.
+
+Copy this file into a project, fill in the user section below, copy the
+project to the remote machines and run ``python3 oden.py worker`` there, then
+``python3 oden.py manager`` on your PC.  ``python3 oden.py local`` runs the
+same job on loopback workers; ``python3 oden.py --help`` lists every command.
+
+How the parts fit::
+
+    manager (your PC)                             worker (each remote machine)
+    make_tasks() -> TaskBoard (shared queue)       ThreadingHTTPServer :8080
+      one thread per host (HostRunner):              POST /submit  queue batches
+        keeps slots + prefetch batches in flight ->  POST /poll    long poll: answers
+        long-polls for whichever results are ready <-              as soon as a batch ends
+      ResultStore: one atomic .pickle per task       slot 1..N: calc(task) in a child
+      progress line, log file, resume                  process (or a thread: --threads)
+                                                     GET / , /status , /status.json
+
+* TaskBoard   : which tasks wait, which are in flight where, which are finished.
+* HostRunner  : one per host; connects, submits, polls, requeues on failure.
+* WorkerState : the worker's queue of batches, its slots and the finished results.
+* Codec       : the one place every message is pickled, signed, checked and unpickled.
+
+SECURITY: a worker runs the code it is sent, and both ends unpickle what they
+receive.  Every POST body is signed with HMAC-SHA256 under a shared key
+(``oden.key`` next to this file, or $ODEN_KEY) and nothing is unpickled before
+its signature checks out.  Without a key a worker only listens on loopback
+(or with ``--insecure``).  The key does not encrypt: use ``--certfile`` and
+``--cafile`` (TLS) when tasks or results are confidential.  The status pages
+(GET) need no key and show counts and ages only, never tasks or results.
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import csv
+import glob
+import hashlib
+import hmac
+import html
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import platform
+import random
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+# ------ User write below ------
+hosts = None          # host names, one per line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
+name = "sort"         # the run's name: every result file starts with it
+interval_polling = 1  # seconds: how long one poll may wait on a worker before the host is asked again
+timeout = 10          # seconds for every HTTP request (connecting, sending, receiving)
+task_timeout = None   # seconds one task may run before it is recorded as an error; None: no limit
+chunksize = None      # tasks per batch sent to a worker slot; None: automatic (batches of about 0.05 s)
+
+
+def make_tasks():
+    """The sort-timing experiment: three sorts on random and on already sorted lists."""
+    return [(algorithm, n, order)
+            for algorithm in ("builtin", "merge", "quick")
+            for n in (100, 1000, 5000)
+            for order in ("random", "sorted")]
+
+
+def calc(task):
+    """Sort one list; return the seconds it took."""
+    algorithm, n, order = task
+    data = list(range(n)) if order == "sorted" else random.Random(n).sample(range(n), n)
+    sort = {"builtin": sorted, "merge": merge_sort, "quick": quick_sort}[algorithm]
+    start = time.perf_counter()
+    result = sort(data)
+    elapsed = time.perf_counter() - start
+    assert result == sorted(data), "%s sort returned an unsorted list" % algorithm
+    return elapsed
+
+
+def merge_sort(xs):
+    if len(xs) <= 1:
+        return xs
+    left, right = merge_sort(xs[:len(xs) // 2]), merge_sort(xs[len(xs) // 2:])
+    merged = []
+    while left and right:
+        merged.append((left if left[-1] > right[-1] else right).pop())
+    return (left or right) + merged[::-1]
+
+
+def quick_sort(xs):
+    if len(xs) <= 1:
+        return xs
+    pivot = xs[0]  # the deliberate bug: on sorted input this recurses len(xs) deep
+    return (quick_sort([x for x in xs if x < pivot]) + [x for x in xs if x == pivot]
+            + quick_sort([x for x in xs if x > pivot]))
+
+
+def handle_finish_machine(uri, name):
+    """Called on the manager when host `uri` runs out of tasks."""
+    logging.getLogger("oden").info("%s has no more tasks for run %r", uri, name)
+
+
+def handle_finish_tasks():
+    """Called once on the manager when every task has a result or an error."""
+    logging.getLogger("oden").info("all tasks are processed")
+
+
+def show_status():
+    """The text at the top of the worker's status page, http://host:8080/."""
+    return "oden example: timing three sorts (%s)" % platform.node()
+# ------ User write above ------
+
+
+# ====================================================================
+# Defaults: each lives here and nowhere else
+# ====================================================================
+
+VERSION = "1.0.0"
+DEFAULT_PORT = 8080
+DEFAULT_BIND = "0.0.0.0"
+HOSTS_FILE = "hosts.txt"            # next to the main script
+KEY_FILE = "oden.key"               # next to the main script; travels with the project
+KEY_ENV = "ODEN_KEY"                # overrides the key file
+PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
+MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
+MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
+REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
+MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
+PREFETCH = 2                        # batches per host beyond its slots, so the next is there when one ends
+WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, running, unacked)
+BATCH_SECONDS = 0.05                # automatic chunksize aims at batches this long
+MAX_CHUNK = 2000                    # automatic chunksize never exceeds this many tasks
+MAX_ATTEMPTS = 5                    # infrastructure failures (connection, timeout) before a task is an error
+MAX_DEATHS = 3                      # worker deaths a task may witness before it is an error (poison task)
+GIVE_UP_AFTER = 300                 # seconds every host may be down before the manager stops
+BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
+OUTPUT_TAIL = 4000                  # characters of what calc printed kept per task
+PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
+PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
+
+log = logging.getLogger("oden")
+
+
+class OdenError(Exception):
+    """A problem the user can fix; main() prints it as one line, without a traceback."""
+
+
+# ====================================================================
+# Wire format: every message is pickled, signed and checked in Codec
+# ====================================================================
+#
+# A POST body is pickle.dumps(message).  The request header
+#     X-Oden-Auth: v1 <session> <counter> <unix time> <worker boot> <hmac>
+# signs method, path, those fields and the body's SHA-256.  The worker
+# accepts a counter only if it is larger than the last one of that session
+# (so nothing can be replayed) and only for its own boot id (so nothing sent
+# to an earlier run of the worker is accepted after a restart).  The reply's
+#     X-Oden-Auth: v1 <hmac>
+# signs the session, counter, status and body, binding it to its request.
+# Without a key both ends send "X-Oden-Auth: none".
+
+AUTH_HEADER = "X-Oden-Auth"
+UNSIGNED = "none"
+
+
+class AuthError(Exception):
+    """A message failed authentication; .status is the HTTP status to answer with."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+def dumps(obj):
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
+def _mac(key, *parts):
+    return hmac.new(key, b"\n".join(parts), hashlib.sha256).hexdigest()
+
+
+def _digest(body):
+    return hashlib.sha256(body).hexdigest().encode()
+
+
+class Codec:
+    """Seals and opens every POST body.  One instance per process; thread-safe."""
+
+    def __init__(self, key):
+        self.key = key
+        self.session = secrets.token_hex(8)
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._seen = {}            # session -> (last counter, last time seen); the worker's replay guard
+
+    # -- manager side --------------------------------------------------
+    def seal_request(self, path, message, boot):
+        """Return (body, headers, ticket); the ticket opens the matching reply."""
+        body = dumps(message)
+        with self._lock:
+            self._counter += 1
+            counter = str(self._counter)
+        fields = [self.session, counter, str(int(time.time())), boot or "-"]
+        if self.key is None:
+            return body, {AUTH_HEADER: UNSIGNED}, None
+        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), _digest(body))
+        return body, {AUTH_HEADER: " ".join(["v1"] + fields + [mac])}, (self.session, counter)
+
+    def open_reply(self, ticket, status, header, body):
+        if self.key is not None:
+            if header is None or header == UNSIGNED:
+                raise AuthError(0, "it answers without a key: put the same oden.key next to its oden.py "
+                                   "(or set $%s) and restart it" % KEY_ENV)
+            expected = "v1 " + _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(),
+                                    str(status).encode(), _digest(body))
+            if not hmac.compare_digest(header.encode(), expected.encode()):
+                raise AuthError(0, "its reply is not signed with our key: copy oden.key from this PC to it")
+        return pickle.loads(body)
+
+    # -- worker side ---------------------------------------------------
+    def open_request(self, path, header, body, boot):
+        """Check the signature and freshness, then unpickle; return (message, reply ticket)."""
+        if self.key is None:
+            return pickle.loads(body), None
+        parts = (header or "").split(" ")
+        if len(parts) != 6 or parts[0] != "v1" or not parts[2].isdigit():
+            raise AuthError(401, "missing or malformed %s header: the sender has no key" % AUTH_HEADER)
+        _, session, counter, stamp, their_boot, mac = parts
+        expected = _mac(self.key, b"POST", path.encode(), session.encode(), counter.encode(),
+                        stamp.encode(), their_boot.encode(), _digest(body))
+        if not hmac.compare_digest(mac.encode(), expected.encode()):
+            raise AuthError(403, "bad signature: wrong key or altered message")
+        if not stamp.isdigit() or abs(time.time() - int(stamp)) > MAX_CLOCK_SKEW:
+            raise AuthError(403, "stale request: clocks differ by more than %d s" % MAX_CLOCK_SKEW)
+        if path != "/hello" and their_boot != boot:
+            raise AuthError(409, "request was meant for an earlier run of this worker")
+        self._check_fresh(session, int(counter))
+        return pickle.loads(body), (session, counter)
+
+    def _check_fresh(self, session, counter):
+        now = time.monotonic()
+        with self._lock:
+            last, _ = self._seen.get(session, (0, now))
+            if counter <= last:
+                raise AuthError(403, "replayed request")
+            self._seen[session] = (counter, now)
+            if len(self._seen) > 1000:
+                self._seen = {s: v for s, v in self._seen.items() if now - v[1] < 3 * MAX_CLOCK_SKEW}
+
+    def seal_reply(self, ticket, status, message):
+        body = dumps(message)
+        if self.key is None or ticket is None:
+            return body, {AUTH_HEADER: UNSIGNED}
+        mac = _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(), str(status).encode(), _digest(body))
+        return body, {AUTH_HEADER: "v1 " + mac}
+
+
+def key_path(key_file=None):
+    return key_file or os.path.join(script_folder(), KEY_FILE)
+
+
+def load_key(key_file=None):
+    """The shared key from $ODEN_KEY or the key file, or None when there is none."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    path = key_path(key_file)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        key = f.read().strip()
+    if len(key) < 16:
+        raise OdenError("key file %s is shorter than 16 characters: delete it and run "
+                        "'python3 oden.py init'" % path)
+    return key
+
+
+def create_key(key_file=None):
+    """Write a new random key file readable by its owner only; never replaces one."""
+    path = key_path(key_file)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def code_digest():
+    """SHA-256 of this file and of the main script: both ends must run the same code."""
+    paths = {os.path.abspath(__file__)}
+    if os.path.isfile(sys.argv[0]):
+        paths.add(os.path.abspath(sys.argv[0]))
+    parts = []
+    for path in paths:
+        with open(path, "rb") as f:
+            parts.append(hashlib.sha256(f.read()).hexdigest())
+    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()[:16]
+
+
+def script_folder():
+    """Where the project lives: the folder of the script that was run (oden.py or the user's)."""
+    main = sys.argv[0] if os.path.isfile(sys.argv[0]) else __file__
+    return os.path.dirname(os.path.abspath(main))
+
+
+# ====================================================================
+# Worker: slots run calc, WorkerState holds batches, HTTP serves it
+# ====================================================================
+
+class TaskOutput:
+    """Stands in for sys.stdout and sys.stderr on a worker.
+
+    What calc prints still reaches the worker's console, and the tail of it
+    is kept per task (per thread) to travel back with the result.
+    """
+    local = threading.local()
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        kept = getattr(TaskOutput.local, "kept", None)
+        if kept is not None:
+            kept.append(text)
+            if len(kept) > 64:
+                kept[:] = ["".join(kept)[-OUTPUT_TAIL:]]
+        return self.stream.write(text) if self.stream else len(text)
+
+    def flush(self):
+        if self.stream:
+            self.stream.flush()
+
+    def __getattr__(self, attribute):
+        return getattr(self.stream, attribute)
+
+    @staticmethod
+    def install():
+        if not isinstance(sys.stdout, TaskOutput):
+            sys.stdout, sys.stderr = TaskOutput(sys.stdout), TaskOutput(sys.stderr)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def capture():
+        TaskOutput.local.kept = kept = []
+        try:
+            yield kept
+        finally:
+            TaskOutput.local.kept = None
+
+
+def error_record(index, error, exception, started=None, output=""):
+    return {"index": index, "ok": False, "error": error, "exception": exception,
+            "started": started, "ended": time.time(), "output": output}
+
+
+def run_task(calc, index, task_bytes):
+    """Run one task; always return a record, never raise (a crash is the slot's business)."""
+    started = time.time()
+    with TaskOutput.capture() as kept:
+        try:
+            result = dumps(calc(pickle.loads(task_bytes)))
+        except (Exception, SystemExit) as e:
+            return error_record(index, traceback.format_exc(), one_line(e), started, "".join(kept)[-OUTPUT_TAIL:])
+    return {"index": index, "ok": True, "result": result, "started": started,
+            "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
+
+
+def one_line(exception):
+    text = str(exception).strip().splitlines()
+    return type(exception).__name__ + (": " + text[0] if text else "")
+
+
+def slot_process_main(conn, calc):
+    """Body of a slot's child process: run the batches it is sent, one record per task."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C on the worker's console is the parent's
+    TaskOutput.install()
+    try:
+        while True:
+            for index, task_bytes in conn.recv():
+                conn.send(run_task(calc, index, task_bytes))
+    except (EOFError, OSError):
+        pass                                           # the worker is gone: so are we
+
+
+class ProcessSlot:
+    """Runs tasks in a child process: CPU-bound calc runs in parallel, a crash
+    costs one task, and a task over its time limit can really be stopped."""
+
+    # forkserver: children fork from a clean single-threaded server, so they hold
+    # no copy of the worker's sockets or locks and see EOF when the worker dies.
+    context = multiprocessing.get_context(
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+
+    def __init__(self, calc):
+        self.calc = calc
+        self.process = self.conn = None
+
+    def start(self):
+        self.conn, child = self.context.Pipe()
+        self.process = self.context.Process(target=slot_process_main, args=(child, self.calc), daemon=True)
+        self.process.start()
+        child.close()
+
+    def stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(5)
+            self.conn.close()
+            self.process = None
+
+    def run(self, items, limit, mark_running):
+        """Yield one record per (index, task bytes) item, restarting the child after a crash or a timeout."""
+        todo = list(items)
+        while todo:
+            if self.process is None or not self.process.is_alive():
+                self.stop()
+                self.start()
+            try:
+                self.conn.send(todo)
+            except OSError:
+                self.stop()
+                continue
+            while todo:
+                index = todo[0][0]
+                mark_running(index)
+                if not self.conn.poll(limit):
+                    self.stop()
+                    yield error_record(index, "timed out after %s s (its process was killed)" % limit,
+                                       "TimeoutError: timed out after %s s" % limit)
+                    todo.pop(0)
+                    break
+                try:
+                    record = self.conn.recv()
+                except (EOFError, OSError):
+                    self.process.join(5)
+                    code = self.process.exitcode
+                    self.stop()
+                    yield error_record(index, "its process died (exit code %s) while running this task" % code,
+                                       "WorkerCrash: process died with exit code %s" % code)
+                    todo.pop(0)
+                    break
+                todo.pop(0)
+                yield record
+
+
+class ThreadSlot:
+    """Runs tasks in the worker's own process (--threads): for calc that cannot
+    run in a child process.  A task over its time limit is recorded as an
+    error, but its thread cannot be stopped and runs on until calc returns."""
+
+    def __init__(self, calc):
+        self.calc = calc
+
+    def start(self):
+        TaskOutput.install()
+
+    def stop(self):
+        pass
+
+    def run(self, items, limit, mark_running):
+        for index, task_bytes in items:
+            mark_running(index)
+            if limit is None:
+                yield run_task(self.calc, index, task_bytes)
+                continue
+            box = []
+            thread = threading.Thread(target=lambda i=index, t=task_bytes: box.append(run_task(self.calc, i, t)),
+                                      daemon=True)
+            thread.start()
+            thread.join(limit)
+            yield box[0] if box else error_record(
+                index, "timed out after %s s (its thread could not be stopped and runs on)" % limit,
+                "TimeoutError: timed out after %s s" % limit)
+
+
+class Batch:
+    """Tasks submitted together; they run one after another in one slot."""
+
+    def __init__(self, batch_id, run_id, items, limit):
+        self.id, self.run_id, self.items, self.limit = batch_id, run_id, items, limit
+        self.records = []
+        self.running = None          # index of the task running now
+        self.since = None            # when that task started
+
+
+class WorkerState:
+    """The worker's memory: batches queued, running and finished-but-unacked.
+
+    One lock guards everything; `work` wakes slots, `results` wakes long polls.
+    One manager run is served at a time: a submit or poll from a new run drops
+    what the old run left queued and unacked (its running tasks finish unseen).
+    """
+
+    def __init__(self, calc, slots, threads, show_status, job_name):
+        self.calc, self.slots, self.threads = calc, slots, threads
+        self.show_status, self.job_name = show_status, job_name
+        self.capacity = 2 * slots + WORKER_BACKLOG
+        self.boot = secrets.token_hex(6)
+        self.code = code_digest()
+        self.started = time.time()
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.results = threading.Condition(self.lock)
+        self.run_id = None
+        self.queued = collections.deque()
+        self.running = {}            # batch id -> Batch
+        self.finished = {}           # batch id -> Batch, until the manager acks it
+        self.done = self.failed = 0
+        self.slot_objects = []
+
+    def start_slots(self):
+        self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
+        for slot in self.slot_objects:
+            slot.start()
+        for number, slot in enumerate(self.slot_objects, 1):
+            threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
+
+    def stop_slots(self):
+        for slot in self.slot_objects:
+            slot.stop()
+
+    def _slot_loop(self, slot):
+        while True:
+            with self.lock:
+                while not self.queued:
+                    self.work.wait()
+                batch = self.queued.popleft()
+                self.running[batch.id] = batch
+            try:
+                for record in slot.run(batch.items, batch.limit, lambda index: self._mark(batch, index)):
+                    self._record(batch, record)
+            except Exception as e:
+                log.exception("slot failed; the rest of its batch is recorded as errors")
+                for index, _ in batch.items[len(batch.records):]:
+                    self._record(batch, error_record(index, "the worker's slot failed: %s" % one_line(e), one_line(e)))
+            with self.lock:
+                del self.running[batch.id]
+                batch.running = None
+                if batch.run_id == self.run_id:
+                    self.finished[batch.id] = batch
+                    self.results.notify_all()
+
+    def _mark(self, batch, index):
+        batch.running, batch.since = index, time.time()
+
+    def _record(self, batch, record):
+        batch.records.append(record)
+        if record["ok"]:
+            self.done += 1
+        else:
+            self.failed += 1
+            log.info("task %s failed: %s", record["index"], record["exception"])
+
+    def _switch_run(self, run_id):
+        """Called with the lock held: a new manager run replaces the old one."""
+        if run_id != self.run_id:
+            if self.run_id is not None:
+                log.info("new manager run %s: dropping %d queued and %d unacked batches of the old run",
+                         run_id, len(self.queued), len(self.finished))
+            self.run_id = run_id
+            self.queued.clear()
+            self.finished.clear()
+
+    def _ack(self, acked):
+        for batch_id in acked:
+            self.finished.pop(batch_id, None)
+
+    def submit(self, message):
+        """Queue the batches that fit; the rest come back as busy."""
+        accepted, busy = [], []
+        with self.lock:
+            self._switch_run(message["run"])
+            self._ack(message.get("ack", ()))
+            for batch_id, items, limit in message["batches"]:
+                if self._knows(batch_id):
+                    accepted.append(batch_id)
+                elif len(self.queued) + len(self.running) + len(self.finished) < self.capacity:
+                    self.queued.append(Batch(batch_id, self.run_id, items, limit))
+                    accepted.append(batch_id)
+                else:
+                    busy.append(batch_id)
+            self.work.notify(len(accepted))
+        return {"accepted": accepted, "busy": busy, "boot": self.boot}
+
+    def _knows(self, batch_id):
+        return (batch_id in self.running or batch_id in self.finished
+                or any(b.id == batch_id for b in self.queued))
+
+    def poll(self, message):
+        """Long poll: answer as soon as a batch of this run is finished, or after `wait` seconds."""
+        deadline = time.monotonic() + min(float(message.get("wait", 0)), MAX_POLL_WAIT)
+        with self.lock:
+            self._switch_run(message["run"])
+            self._ack(message.get("ack", ()))
+            while not self.finished and time.monotonic() < deadline:
+                self.results.wait(deadline - time.monotonic())
+            return {"done": [(b.id, b.records) for b in self.finished.values()],
+                    "active": [b.id for b in self.queued] + list(self.running),
+                    "boot": self.boot}
+
+    def hello(self):
+        return {"version": VERSION, "code": self.code, "slots": self.slots, "boot": self.boot,
+                "python": platform.python_version(), "name": self.job_name}
+
+    def status(self):
+        """What the status routes show: counts and ages, never tasks or results."""
+        now = time.time()
+        with self.lock:
+            running = sorted(now - b.since for b in self.running.values() if b.since is not None)
+            state = {"state": "busy" if self.running else "idle", "slots": self.slots,
+                     "slots_busy": len(self.running), "queued_batches": len(self.queued),
+                     "running_task_ages": [round(age, 1) for age in running],
+                     "done": self.done, "failed": self.failed}
+        state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
+                      "uptime": round(now - self.started, 1), "version": VERSION,
+                      "python": platform.python_version(), "host": platform.node(),
+                      "load": os.getloadavg() if hasattr(os, "getloadavg") else None})
+        return state
+
+
+def status_text(state):
+    return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, up %d s\n"
+            % (state["version"], state["name"], state["state"], state["slots_busy"], state["slots"],
+               state["queued_batches"], state["done"], state["failed"], state["uptime"]))
+
+
+def status_html(state, user_text):
+    rows = "".join("<tr><th>%s</th><td>%s</td></tr>" % (html.escape(k), html.escape(str(v)))
+                   for k, v in state.items() if k != "running_task_ages")
+    ages = "".join("<li>running for %.1f s</li>" % age for age in state["running_task_ages"]) or "<li>none</li>"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta http-equiv=\"refresh\" content=\"5\"><title>oden worker %s</title>"
+            "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style>"
+            "</head><body><h1>oden worker: %s</h1><pre>%s</pre><table>%s</table>"
+            "<h2>Tasks running</h2><ul>%s</ul></body></html>\n"
+            % (html.escape(state["name"]), html.escape(state["state"]), html.escape(user_text), rows, ages))
+
+
+class WorkerHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP front of a worker.  GET routes show status to anyone; POST routes
+    need a signed body and hand it to WorkerState.  Errors are one line."""
+
+    protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
+    server_version = "oden/" + VERSION
+    timeout = REQUEST_READ_TIMEOUT           # a slow or truncated body times out here
+    post_routes = {"/hello": lambda state, m: state.hello(),
+                   "/submit": lambda state, m: state.submit(m),
+                   "/poll": lambda state, m: state.poll(m)}
+
+    def do_GET(self):
+        state = self.server.state
+        path = self.path.split("?")[0]
+        if path == "/":
+            self._send(200, status_html(state.status(), self._user_status()).encode(), "text/html; charset=utf-8")
+        elif path == "/status":
+            self._send(200, status_text(state.status()).encode(), "text/plain; charset=utf-8")
+        elif path == "/status.json":
+            self._send(200, json.dumps(state.status()).encode(), "application/json")
+        else:
+            self._fail(404, "no such page: try / or /status")
+
+    def do_POST(self):
+        route = self.post_routes.get(self.path)
+        if route is None:
+            return self._fail(404, "no such route %r" % self.path[:80])
+        body = self._read_body()
+        if body is None:
+            return
+        codec, state = self.server.codec, self.server.state
+        try:
+            message, ticket = codec.open_request(self.path, self.headers.get(AUTH_HEADER), body, state.boot)
+            reply = route(state, message)
+        except AuthError as e:
+            log.warning("refused %s from %s: %s", self.path, self.client_address[0], e)
+            return self._fail(e.status, str(e))
+        except Exception as e:
+            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
+            return self._fail(400, "malformed message: %s" % one_line(e))
+        body, headers = codec.seal_reply(ticket, 200, reply)
+        self._send(200, body, "application/octet-stream", headers)
+
+    def _read_body(self):
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self._fail(411, "a POST needs a Content-Length")
+            return None
+        if int(length) > self.server.max_body:
+            self._fail(413, "body of %s bytes is over the limit of %d (--max-body)" % (length, self.server.max_body))
+            return None
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            self.close_connection = True
+            return None
+        return body
+
+    def _user_status(self):
+        try:
+            return str(self.server.show_status())
+        except Exception as e:
+            return "show_status() raised %s" % one_line(e)
+
+    def _send(self, code, body, content_type, headers=None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _fail(self, code, reason):
+        self.close_connection = True
+        self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8", {"Connection": "close"})
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("do_"):          # PUT, DELETE, ...: 405 rather than http.server's 501
+            return lambda: self._fail(405, "method %s is not allowed: use GET or POST" % attribute[3:])
+        raise AttributeError(attribute)
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (socket.timeout, ConnectionError, ssl.SSLError) as e:
+            log.debug("connection from %s dropped: %s", self.client_address[0], one_line(e))
+            self.close_connection = True
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.client_address[0], fmt % args)
+
+
+class WorkerServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, state, codec, show_status, max_body, tls=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, WorkerHandler)
+        self.state, self.codec, self.show_status, self.max_body, self.tls = state, codec, show_status, max_body, tls
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is not None:                 # the handshake runs later, in the handler's thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+
+def is_loopback(address):
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def run_worker(job, args):
+    key = load_key(args.key_file)
+    if key is None and not is_loopback(args.bind) and not args.insecure:
+        raise OdenError("no key: refusing to listen on %s without one. Run 'python3 oden.py init' on your PC and "
+                        "copy %s here (or set $%s), or pass --insecure on a network you trust"
+                        % (args.bind, KEY_FILE, KEY_ENV))
+    if key is None:
+        log.warning("no key (%s or $%s): anyone who can reach this port can run code here", KEY_FILE, KEY_ENV)
+    tls = None
+    if args.certfile:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.certfile, args.keyfile)
+    state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name)
+    state.start_slots()
+    try:
+        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status, args.max_body, tls)
+    except OSError as e:
+        state.stop_slots()
+        raise OdenError("cannot listen on %s:%s (%s): pick another --port or stop what uses it"
+                        % (args.bind, args.port, e.strerror or e))
+    host, port = server.server_address[:2]
+    shown = "[%s]" % host if ":" in host else host
+    print("oden worker listening on %s://%s:%d (%d slots, %s, code %s)"
+          % ("https" if tls else "http", shown, port, state.slots, "threads" if args.threads else "processes",
+             state.code), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        state.stop_slots()
+    return 0
+
+
+# ====================================================================
+# Manager: hosts, the shared TaskBoard, one HostRunner thread per host
+# ====================================================================
+
+class Host:
+    """One line of hosts.txt."""
+
+    def __init__(self, number, address, port, scheme="http"):
+        self.number, self.address, self.port, self.scheme = number, address, port, scheme
+
+    @property
+    def label(self):
+        return "%s:%d" % ("[%s]" % self.address if ":" in self.address else self.address, self.port)
+
+    @property
+    def uri(self):
+        return "%s://%s" % (self.scheme, self.label)
+
+
+HOST_LINE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+
+
+def parse_hosts(text, source):
+    """Hosts from text with one per line; `source` names the file in errors."""
+    found = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOST_LINE.match(line)
+        port = int(match.group("port") or DEFAULT_PORT) if match else 0
+        if not match or not 0 < port < 65536:
+            raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
+                            % (source, number, raw.strip()))
+        found.append(Host(len(found) + 1, match.group("v6") or match.group("name"), port))
+    return found
+
+
+def read_hosts(setting, hosts_file):
+    """The hosts to use: the user section's `hosts` text or list, else the hosts file."""
+    if hosts_file is None and setting is not None:
+        text = setting if isinstance(setting, str) else "\n".join(setting)
+        return parse_hosts(text, "the 'hosts' setting")
+    path = hosts_file or os.path.join(script_folder(), HOSTS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise OdenError("cannot read hosts file %s (%s): create it with one 'host:port' a line, "
+                        "or try 'python3 oden.py local'" % (path, e.strerror or e))
+    except UnicodeDecodeError:
+        raise OdenError("hosts file %s is not text: write one 'host:port' a line" % path)
+    found = parse_hosts(text, path)
+    if not found:
+        raise OdenError("no hosts in %s: add one 'host:port' a line, or try 'python3 oden.py local'" % path)
+    return found
+
+
+class HostError(Exception):
+    """A host could not be reached or answered wrongly; the text says why and what to do."""
+
+
+class HostClient:
+    """The manager's line to one worker: a kept-alive HTTP connection (or a new
+    urllib request each time with keepalive=False), every body through Codec."""
+
+    def __init__(self, host, codec, request_timeout, tls=None, keepalive=True):
+        self.host, self.codec, self.timeout, self.tls, self.keepalive = host, codec, request_timeout, tls, keepalive
+        self.boot = None
+        self.connection = None
+
+    def call(self, path, message, extra_wait=0):
+        body, headers, ticket = self.codec.seal_request(path, message, self.boot)
+        try:
+            status, header, reply = self._post(path, body, headers, self.timeout + extra_wait)
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise HostError(explain_network_error(e, self.timeout + extra_wait))
+        if status != 200:
+            text = reply.decode("utf-8", "replace").strip().splitlines()
+            raise HostError("HTTP %d: %s" % (status, text[0] if text else "no reason given")
+                            + (" (is the worker's oden.key the same as ours?)" if status in (401, 403) else ""))
+        try:
+            return self.codec.open_reply(ticket, status, header, reply)
+        except AuthError as e:
+            raise HostError(str(e))
+        except Exception as e:
+            raise HostError("its answer is not an oden message (%s): is that port really an oden worker?" % one_line(e))
+
+    def _post(self, path, body, headers, request_timeout):
+        headers = dict(headers, **{"Content-Type": "application/octet-stream"})
+        if not self.keepalive:
+            request = urllib.request.Request(self.host.uri + path, body, headers)
+            try:
+                with urllib.request.urlopen(request, timeout=request_timeout, context=self.tls) as response:
+                    return response.status, response.headers.get(AUTH_HEADER), response.read()
+            except urllib.error.HTTPError as e:
+                return e.code, None, e.read()
+            except urllib.error.URLError as e:
+                raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
+        for attempt in (1, 2):
+            reused = self.connection is not None
+            if not reused:
+                self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port, context=self.tls)
+                                   if self.tls else http.client.HTTPConnection(self.host.address, self.host.port))
+            self.connection.timeout = request_timeout
+            if self.connection.sock is not None:
+                self.connection.sock.settimeout(request_timeout)
+            try:
+                self.connection.request("POST", path, body, headers)
+                response = self.connection.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused and attempt == 1:
+                    continue                         # the worker closed an idle kept-alive connection
+                raise
+            if response.will_close:
+                self.close()
+            return response.status, response.getheader(AUTH_HEADER), data
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def explain_network_error(error, seconds):
+    if isinstance(error, socket.gaierror):
+        return "host name not found (%s): check its spelling in the hosts file" % error.strerror
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused: is 'python3 oden.py worker' running there, on that port?"
+    if isinstance(error, socket.timeout):
+        return "no answer within %g s: the machine may be down, or a firewall drops the port" % seconds
+    if isinstance(error, ssl.SSLError):
+        return "TLS failed (%s): check --cafile and the worker's --certfile" % getattr(error, "reason", error)
+    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, http.client.BadStatusLine)):
+        return "connection closed without an answer: the worker died, or that port is not an oden worker"
+    return one_line(error)
+
+
+class TaskBoard:
+    """The manager's shared queue and ledger of every task of the run.
+
+    All fields are guarded by `changed`'s lock; every change notifies it, so
+    waiting threads wake on news instead of polling.
+    """
+
+    def __init__(self, indices, max_attempts, max_deaths):
+        self.changed = threading.Condition()
+        self.pending = collections.deque(indices)
+        self.unfinished = set(indices)
+        self.total = len(self.unfinished)
+        self.copies = collections.Counter()      # index -> hosts holding it now
+        self.sent_at = {}                        # index -> when the newest copy was sent
+        self.attempts = collections.Counter()
+        self.deaths = collections.Counter()
+        self.max_attempts, self.max_deaths = max_attempts, max_deaths
+        self.stopping = False
+        self.total_slots = 0
+
+    @property
+    def finished(self):
+        return not self.unfinished
+
+    def take(self, count):
+        """Up to `count` tasks to send now (none once stopping)."""
+        taken = []
+        with self.changed:
+            while self.pending and len(taken) < count and not self.stopping:
+                index = self.pending.popleft()
+                if index in self.unfinished:
+                    self._send(index)
+                    taken.append(index)
+        return taken
+
+    def _send(self, index):
+        self.copies[index] += 1
+        self.sent_at[index] = time.monotonic()
+
+    def take_straggler(self):
+        """A task already running elsewhere to run a backup copy of (--speculate), or None."""
+        with self.changed:
+            if self.pending or self.stopping:
+                return None
+            single = [i for i in self.unfinished if self.copies[i] == 1]
+            if not single:
+                return None
+            index = min(single, key=self.sent_at.__getitem__)
+            self._send(index)
+            return index
+
+    def give_back(self, indices, reason, died=False):
+        """Tasks a host lost (`died`: the host died while they were on it).
+        Requeue them; return [(index, why)] for those past their limits."""
+        failed = []
+        with self.changed:
+            for index in indices:
+                self.copies[index] -= 1
+                if index not in self.unfinished:
+                    continue
+                self.attempts[index] += 1
+                if died:
+                    self.deaths[index] += 1
+                if self.deaths[index] >= self.max_deaths:
+                    failed.append((index, "worker died %d times while running this task" % self.deaths[index]))
+                elif self.attempts[index] >= self.max_attempts:
+                    failed.append((index, "gave up after %d attempts: %s" % (self.attempts[index], reason)))
+                elif self.copies[index] == 0:
+                    self.pending.appendleft(index)
+            self.changed.notify_all()
+        return failed
+
+    def release(self, indices):
+        """A host's copies are answered (finished or not)."""
+        with self.changed:
+            for index in indices:
+                self.copies[index] -= 1
+
+    def finish(self, index):
+        """Mark a task finished; False if it already was (a duplicate result)."""
+        with self.changed:
+            if index not in self.unfinished:
+                return False
+            self.unfinished.discard(index)
+            self.changed.notify_all()
+            return True
+
+    def wait(self, seconds):
+        """Wait for any news (or `seconds`)."""
+        with self.changed:
+            self.changed.wait(seconds)
+
+    def sleep(self, seconds):
+        """Wait `seconds`, or less if the run ends or stops."""
+        deadline = time.monotonic() + seconds
+        with self.changed:
+            while not self.stopping and self.unfinished and time.monotonic() < deadline:
+                self.changed.wait(deadline - time.monotonic())
+
+    def stop(self):
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+
+    def counts(self):
+        with self.changed:
+            in_flight = sum(1 for i in self.unfinished if self.copies[i] > 0)
+            return self.total - len(self.unfinished), in_flight, len(self.unfinished)
+
+
+class Fleet:
+    """Which hosts are up; lets the main thread notice when all have been down too long."""
+
+    def __init__(self, count):
+        self.lock = threading.Lock()
+        self.up = set()
+        self.count = count
+        self.all_down_since = time.monotonic()
+
+    def mark(self, host, is_up):
+        with self.lock:
+            (self.up.add if is_up else self.up.discard)(host.number)
+            if self.up:
+                self.all_down_since = None
+            elif self.all_down_since is None:
+                self.all_down_since = time.monotonic()
+
+    def down_for(self):
+        with self.lock:
+            return 0 if self.all_down_since is None else time.monotonic() - self.all_down_since
+
+
+class HostRunner:
+    """Feeds one host for the whole run: connect, keep its slots busy, poll,
+    and give tasks back to the board when the host fails."""
+
+    def __init__(self, run, host):
+        self.run, self.host = run, host
+        self.client = HostClient(host, run.codec, run.settings.timeout, run.tls, run.settings.keepalive)
+        self.in_flight = {}              # batch id -> [task indices]
+        self.acks = []
+        self.slots = 0
+        self.mean_task = None            # seconds, running average from the worker's records
+        self.finished_told = False
+        self.down_reason = None
+
+    # -- the loop --------------------------------------------------------
+    def __call__(self):
+        board, settings = self.run.board, self.run.settings
+        backoff = BACKOFF[0]
+        while not board.finished and not board.stopping:
+            try:
+                if self.client.boot is None:
+                    self.connect()
+                    backoff = BACKOFF[0]
+                self.fill()
+                if self.in_flight:
+                    self.poll(wait=min(settings.interval_polling, settings.timeout / 2))
+                else:
+                    self.idle()
+            except HostError as e:
+                self.lost(str(e))
+                board.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF[1])
+            except Exception:
+                log.exception("%s: unexpected error; its tasks go back to the queue", self.host.label)
+                self.lost("unexpected error in the manager")
+                board.sleep(backoff)
+        self.collect_last()
+        self.client.close()
+
+    def connect(self):
+        hello = self.client.call("/hello", {})
+        if hello.get("code") != self.run.code:
+            raise HostError("worker %d runs a different oden.py (code %s, ours %s): copy the project again and "
+                            "restart it" % (self.host.number, hello.get("code"), self.run.code))
+        self.client.boot, self.slots = hello["boot"], int(hello["slots"])
+        with self.run.board.changed:
+            self.run.board.total_slots += self.slots
+        self.run.fleet.mark(self.host, True)
+        self.finished_told = False
+        log.info("%s is up: %d slots, Python %s", self.host.label, self.slots, hello.get("python"))
+        self.down_reason = None
+
+    def fill(self):
+        """Submit batches until the host holds slots + PREFETCH of them."""
+        batches = []
+        while len(self.in_flight) + len(batches) < self.slots + PREFETCH:
+            indices = self.run.board.take(self.chunk())
+            if not indices and self.run.settings.speculate and not self.in_flight and not batches:
+                straggler = self.run.board.take_straggler()
+                indices = [straggler] if straggler is not None else []
+                if indices:
+                    log.info("%s runs a backup copy of straggler task %d", self.host.label, straggler)
+            if not indices:
+                break
+            batches.append((self.run.new_batch_id(), indices))
+        if not batches:
+            return
+        for batch_id, indices in batches:
+            self.in_flight[batch_id] = indices
+            log.debug("%s gets tasks %s", self.host.label, indices)
+        reply = self.client.call("/submit", {
+            "run": self.run.id, "ack": self._take_acks(),
+            "batches": [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
+                        for b, indices in batches]})
+        busy = set(reply["busy"])
+        for batch_id in busy:
+            self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
+        self._check_boot(reply["boot"])
+
+    def chunk(self):
+        """Tasks per batch: the user's chunksize, or enough for BATCH_SECONDS, capped so every slot gets work."""
+        if self.run.settings.chunksize:
+            return self.run.settings.chunksize
+        if self.mean_task is None:
+            return 1
+        board = self.run.board
+        fair = max(1, len(board.pending) // max(1, 2 * board.total_slots))
+        return max(1, min(MAX_CHUNK, int(BATCH_SECONDS / max(self.mean_task, 1e-6)), fair))
+
+    def poll(self, wait):
+        reply = self.client.call("/poll", {"run": self.run.id, "ack": self._take_acks(), "wait": wait},
+                                 extra_wait=wait)
+        for batch_id, records in reply["done"]:
+            self.acks.append(batch_id)
+            indices = self.in_flight.pop(batch_id, [])
+            self.run.board.release(indices)
+            for record in records:
+                self._learn(record)
+                self.run.accept(self.host, record)
+        active = set(reply["active"])
+        lost = [b for b in self.in_flight if b not in active]
+        if lost:
+            self._give_back(lost, "the worker lost them (did it restart?)")
+        self._check_boot(reply["boot"])
+
+    def idle(self):
+        """Nothing in flight and nothing to take: tell the user once, then wait for news."""
+        if not self.finished_told and not self.run.board.pending:
+            self.finished_told = True
+            self.run.call_user("handle_finish_machine", self.host.uri, self.run.settings.name)
+        self.run.board.wait(self.run.settings.interval_polling)
+
+    def collect_last(self):
+        """After a stop, pick up results already waiting, then give back the rest."""
+        if self.in_flight and self.client.boot is not None:
+            with contextlib.suppress(HostError):
+                self.poll(wait=0)
+        if self.in_flight:
+            self._give_back(list(self.in_flight), "the run stopped")
+
+    # -- helpers ----------------------------------------------------------
+    def _take_acks(self):
+        acks, self.acks = self.acks, []
+        return acks
+
+    def _learn(self, record):
+        if record.get("started") and record["ok"]:
+            seconds = record["ended"] - record["started"]
+            self.mean_task = seconds if self.mean_task is None else 0.8 * self.mean_task + 0.2 * seconds
+
+    def _check_boot(self, boot):
+        if boot != self.client.boot:
+            raise HostError("the worker restarted")
+
+    def _give_back(self, batch_ids, reason, died=False):
+        indices = [i for b in batch_ids for i in self.in_flight.pop(b)]
+        for index, why in self.run.board.give_back(indices, reason, died):
+            self.run.accept(self.host, error_record(index, why, "TaskLost: " + why))
+        if indices:
+            log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(indices), reason)
+
+    def lost(self, reason):
+        """The host failed: requeue its tasks and mark it down until it answers again."""
+        if self.client.boot is not None:
+            with self.run.board.changed:
+                self.run.board.total_slots -= self.slots
+        self.client.boot = None
+        self.client.close()
+        self._give_back(list(self.in_flight), reason, died=True)
+        self.run.fleet.mark(self.host, False)
+        if reason != self.down_reason:
+            log.warning("%s is down: %s (retrying in the background)", self.host.label, reason)
+            self.down_reason = reason
+
+
+# ====================================================================
+# Result files and resume
+# ====================================================================
+#
+# {name}{host number}_{timestamp}_{task index}.done.pickle   a success
+# {name}{host number}_{timestamp}_{task index}.error.pickle  an error
+# Each holds one pickled dict; see README.md "Result files".
+
+DONE_SUFFIX = ".done.pickle"
+ERROR_SUFFIX = ".error.pickle"
+TEMP_MARK = ".tmp"
+
+
+def result_file_name(name, host_number, stamp, index, ok):
+    return "%s%d_%s_%d%s" % (name, host_number, stamp, index, DONE_SUFFIX if ok else ERROR_SUFFIX)
+
+
+def log_file_name(name, stamp):
+    return "%s_%s.log" % (name, stamp)
+
+
+def workers_log_name(name, stamp):
+    return "%s_%s.workers.log" % (name, stamp)
+
+
+def timestamp():
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def write_atomically(path, data):
+    """Temporary file in the same folder, flush, fsync, rename: a crash leaves the old state or the new."""
+    temp = "%s%s%s" % (path, TEMP_MARK, secrets.token_hex(4))
+    with open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def result_paths(folder, name, errors=False):
+    """Result files of run `name` (not of a longer name that starts with it), oldest first."""
+    suffix = ERROR_SUFFIX if errors else DONE_SUFFIX
+    pattern = re.compile(re.escape(name) + r"\d+_\d{8}-\d{6}_\d+" + re.escape(suffix) + "$")
+    found = [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
+             if pattern.match(os.path.basename(p))]
+    return sorted(found, key=os.path.getmtime)
+
+
+def read_records(paths, on_bad=None):
+    """Yield (path, record) for each readable result file; report unreadable ones to on_bad."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                record = pickle.load(f)
+            if not isinstance(record, dict) or "task" not in record:
+                raise ValueError("not an oden result record")
+        except Exception as e:
+            if on_bad:
+                on_bad(path, one_line(e))
+            continue
+        yield path, record
+
+
+def remove_temporaries(folder, name):
+    stale = glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*.pickle" + TEMP_MARK + "*"))
+    for path in stale:
+        os.remove(path)
+    return len(stale)
+
+
+class ContentIndex:
+    """A multiset of tasks matched by equality (==), not by pickle bytes.
+
+    Tasks are bucketed by a hash of a frozen copy (dicts and sets become
+    frozensets, so insertion order and string-hash seeds do not matter);
+    tasks that cannot be frozen share one bucket.  Within a bucket == decides.
+    """
+
+    def __init__(self, tasks):
+        self.buckets = collections.defaultdict(list)
+        for task in tasks:
+            self.buckets[content_key(task)].append(task)
+
+    def take(self, task):
+        """Remove one task equal to `task`; True if there was one."""
+        bucket = self.buckets.get(content_key(task), [])
+        for position, candidate in enumerate(bucket):
+            if safe_equal(candidate, task):
+                del bucket[position]
+                return True
+        return False
+
+
+def freeze(value):
+    if isinstance(value, dict):
+        return ("dict", frozenset((freeze(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return ("set", frozenset(freeze(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(freeze(v) for v in value))
+    hash(value)
+    return value
+
+
+def content_key(task):
+    try:
+        return hash(freeze(task))
+    except Exception:
+        return "unhashable"
+
+
+def safe_equal(a, b):
+    try:
+        return bool(a == b)
+    except Exception:
+        return dumps(a) == dumps(b)
+
+
+def tasks_to_run(tasks, folder, name, on_bad=None):
+    """Indices of `tasks` without a saved success of run `name` (matched as a multiset)."""
+    done = ContentIndex(record["task"] for _, record in read_records(result_paths(folder, name), on_bad))
+    return [index for index, task in enumerate(tasks) if not done.take(task)]
+
+
+def load_results(name=None, folder=".", errors=False):
+    """Yield (task, result) for every success of run `name`; with errors=True
+    also (task, record) for every error, where record["error"] is the traceback."""
+    name = name or globals()["name"]
+    for _, record in read_records(result_paths(folder, name)):
+        yield record["task"], record["result"]
+    if errors:
+        for _, record in read_records(result_paths(folder, name, errors=True)):
+            yield record["task"], record
+
+
+# ====================================================================
+# A manager run: tasks, board, threads, files, progress and summary
+# ====================================================================
+
+class Run:
+    """Everything one manager run shares between its host threads."""
+
+    def __init__(self, job, settings, tasks, task_bytes, indices, hosts, key, tls):
+        self.job, self.settings, self.tasks, self.hosts, self.tls = job, settings, tasks, hosts, tls
+        self.id = secrets.token_hex(6)
+        self.stamp = timestamp()
+        self.codec = Codec(key)
+        self.code = code_digest()
+        self.task_bytes = task_bytes
+        self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
+        self.fleet = Fleet(len(hosts))
+        self.lock = threading.Lock()
+        self.batch_counter = 0
+        self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
+        self.done = self.failed = self.duplicates = 0
+        self.started = time.monotonic()
+
+    def new_batch_id(self):
+        with self.lock:
+            self.batch_counter += 1
+            return self.batch_counter
+
+    def accept(self, host, record):
+        """Record one task's outcome once: write its file and count it; drop duplicates."""
+        index = record["index"]
+        if not self.board.finish(index):
+            with self.lock:
+                self.duplicates += 1
+            log.info("duplicate result for task %d from %s: kept the first", index, host.label)
+            return
+        contents = {"name": self.settings.name, "index": index, "task": self.tasks[index], "host": host.label,
+                    "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
+        ok = record["ok"]
+        if ok:
+            try:
+                contents["result"] = pickle.loads(record["result"])
+            except Exception as e:
+                ok, record = False, error_record(index, "the result could not be unpickled on the manager: %s"
+                                                 % one_line(e), one_line(e))
+        if not ok:
+            contents.update(error=record["error"], exception=record["exception"])
+        path = os.path.join(self.settings.folder,
+                            result_file_name(self.settings.name, host.number, self.stamp, index, ok))
+        write_atomically(path, dumps(contents))
+        self._count(host, ok, record)
+        if ok:
+            log.debug("task %d done on %s", index, host.label)
+        else:
+            output = record.get("output") or ""
+            log.error("task %d failed on %s: %s\n%s%s", index, host.label, record["exception"],
+                      record["error"].rstrip(), ("\n--- what it printed ---\n" + output.rstrip()) if output else "")
+
+    def _count(self, host, ok, record):
+        with self.lock:
+            counts = self.per_host[host.label]
+            counts[0 if ok else 1] += 1
+            if record.get("started"):
+                counts[2] += record["ended"] - record["started"]
+            if ok:
+                self.done += 1
+            else:
+                self.failed += 1
+
+    def call_user(self, function_name, *args):
+        """Call a user hook; its exception is logged, never fatal to the run."""
+        try:
+            getattr(self.job, function_name)(*args)
+        except Exception:
+            log.exception("%s raised (the run goes on)", function_name)
+
+
+def pickle_tasks(tasks):
+    """Pickle every task before anything is sent; name the first that cannot travel."""
+    pickled = []
+    for index, task in enumerate(tasks):
+        try:
+            pickled.append(dumps(task))
+        except Exception as e:
+            raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as numbers, strings, "
+                            "tuples, lists and dicts, not lambdas or open files" % (index, one_line(e)))
+    return pickled
+
+
+class Progress:
+    """The live line on a terminal, or a log line every PROGRESS_LOG_EVERY s elsewhere."""
+
+    def __init__(self, run, stream, quiet):
+        self.run, self.stream, self.quiet = run, stream, quiet
+        self.tty = stream.isatty()
+        self.history = collections.deque(maxlen=50)     # (time, finished) for the recent rate
+        self.last_log = time.monotonic()
+        self.width = 0
+
+    def line(self):
+        finished, in_flight, _ = self.run.board.counts()
+        total = self.run.board.total
+        now = time.monotonic()
+        self.history.append((now, finished))
+        first_time, first_count = self.history[0]
+        rate = (finished - first_count) / (now - first_time) if now > first_time else 0.0
+        eta = format_seconds((total - finished) / rate) if rate > 0 else "?"
+        up = len(self.run.fleet.up)
+        return ("%d/%d finished (%d done, %d failed), %d running | %.1f tasks/s | %s elapsed | ETA %s | "
+                "hosts %d up %d down" % (finished, total, self.run.done, self.run.failed, in_flight, rate,
+                                         format_seconds(now - self.run.started), eta, up, len(self.run.hosts) - up))
+
+    def tick(self):
+        if self.quiet:
+            return
+        if self.tty:
+            text = self.line()
+            self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+            self.stream.flush()
+            self.width = len(text)
+        elif time.monotonic() - self.last_log >= PROGRESS_LOG_EVERY:
+            self.last_log = time.monotonic()
+            log.info("progress: %s", self.line())
+
+    def close(self):
+        if self.tty and not self.quiet and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def summary_table(run):
+    rows = [("host", "done", "failed", "mean task s")]
+    for host in run.hosts:
+        done, failed, seconds = run.per_host.get(host.label, (0, 0, 0.0))
+        rows.append((host.label, str(done), str(failed), "%.3f" % (seconds / (done + failed)) if done + failed else "-"))
+    rows.append(("total", str(run.done), str(run.failed), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def setup_logging(verbose=0, quiet=False, log_path=None):
+    """Console on stderr (warnings only with --quiet, everything with --verbose) and an optional log file."""
+    root = logging.getLogger("oden")
+    root.handlers[:] = []
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if log_path:
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+
+
+def run_manager(job, settings, resume):
+    """A whole manager (or resume) run; returns the exit code."""
+    tasks = list(job.make_tasks())
+    task_bytes = pickle_tasks(tasks)
+    hosts = settings.host_list
+    key = None if settings.insecure else load_or_create_key(settings.key_file)
+    folder, name = settings.folder, settings.name
+    if resume:
+        removed = remove_temporaries(folder, name)
+        if removed:
+            log.info("removed %d temporary files left by an interrupted run", removed)
+        indices = tasks_to_run(tasks, folder, name, on_bad=lambda p, why: log.warning(
+            "unreadable result file %s (%s): its task will run again", p, why))
+        log.info("resume: %d of %d tasks have a saved success; %d to run", len(tasks) - len(indices),
+                 len(tasks), len(indices))
+    else:
+        confirm_new_run(folder, name, settings.yes)
+        indices = list(range(len(tasks)))
+    tls = ssl.create_default_context(cafile=settings.cafile) if settings.cafile else None
+    run = Run(job, settings, tasks, task_bytes, indices, hosts, key, tls)
+    if tls:
+        for host in hosts:
+            host.scheme = "https"
+    log_path = os.path.join(folder, log_file_name(name, run.stamp))
+    setup_logging(settings.verbose, settings.quiet, log_path)
+    log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
+    return drive(run)
+
+
+def drive(run):
+    """Start the host threads, show progress, stop on completion, Ctrl-C or a dead fleet."""
+    settings, board = run.settings, run.board
+    progress = Progress(run, sys.stderr, settings.quiet)
+    interrupted = gave_up = False
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
+    futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
+    try:
+        while not board.finished:
+            board.wait(PROGRESS_TTY_EVERY if progress.tty else 1.0)
+            progress.tick()
+            if run.fleet.down_for() > settings.give_up_after:
+                gave_up = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))   # a second Ctrl-C leaves at once
+        progress.close()
+        log.warning("interrupted: stopping; results that have arrived are saved (Ctrl-C again to quit now)")
+    board.stop()
+    concurrent.futures.wait(futures)
+    pool.shutdown()
+    progress.close()
+    for future in futures:
+        if future.exception():
+            log.error("a host thread failed: %s", one_line(future.exception()))
+    finished, _, unfinished = board.counts()
+    elapsed = time.monotonic() - run.started
+    log.info("summary:\n%s", summary_table(run))
+    log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed",
+             run.done, run.failed, unfinished, run.duplicates, format_seconds(elapsed))
+    resume_hint = "run '%s' to finish them" % resume_command(settings.command)
+    if gave_up:
+        log.error("every host has been down for over %d s: stopping with %d tasks left; %s",
+                  settings.give_up_after, unfinished, resume_hint)
+        return 3
+    if interrupted:
+        log.warning("%d tasks left; %s", unfinished, resume_hint)
+        return 130
+    run.call_user("handle_finish_tasks")
+    if run.failed:
+        log.warning("%d tasks failed: see their .error.pickle files, fix calc, restart the workers and %s",
+                    run.failed, resume_hint.replace("finish them", "run them again"))
+        return 1
+    return 0
+
+
+def resume_command(command):
+    script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
+    return "python3 %s %s" % (script, "local --resume" if command == "local" else "resume")
+
+
+def load_or_create_key(key_file):
+    key = load_key(key_file)
+    if key is None:
+        path = create_key(key_file)
+        log.warning("created the key file %s: copy it with the project to every worker and restart them", path)
+        key = load_key(key_file)
+    return key
+
+
+def confirm_new_run(folder, name, yes):
+    existing = result_paths(folder, name) + result_paths(folder, name, errors=True)
+    if not existing or yes:
+        return
+    question = ("%d result files of run %r exist in %s. Start a new run anyway (their files stay)? [y/N] "
+                % (len(existing), name, os.path.abspath(folder)))
+    if not sys.stdin.isatty():
+        raise OdenError("%d result files of run %r exist: pass --yes to start a new run anyway, or use "
+                        "'python3 oden.py resume' to run only what is missing" % (len(existing), name))
+    if input(question).strip().lower() not in ("y", "yes"):
+        raise OdenError("not started: use 'python3 oden.py resume' to run only what is missing")
+
+
+# ====================================================================
+# Other commands: local, test, status, results, init
+# ====================================================================
+
+def run_local(job, settings, argv_script):
+    """Start loopback workers, run the manager against them, stop them."""
+    env = dict(os.environ)
+    env.setdefault(KEY_ENV, secrets.token_urlsafe(32))
+    os.environ[KEY_ENV] = env[KEY_ENV]
+    cores = os.cpu_count() or 1
+    slots = settings.slots or max(1, cores // settings.workers)
+    stamp = timestamp()
+    worker_log = open(os.path.join(settings.folder, workers_log_name(settings.name, stamp)), "ab")
+    workers = []
+    try:
+        for _ in range(settings.workers):
+            workers.append(start_worker_process(argv_script, env, slots, worker_log, settings.threads))
+        settings.host_list = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
+        return run_manager(job, settings, settings.resume)
+    finally:
+        for process, _ in workers:
+            stop_process(process)
+        worker_log.close()
+
+
+def start_worker_process(script, env, slots, log_file, threads=False):
+    """Start `python3 script worker` on a free loopback port; return (process, port)."""
+    command = [sys.executable, script, "worker", "--bind", "127.0.0.1", "--port", "0", "--slots", str(slots)]
+    process = subprocess.Popen(command + (["--threads"] if threads else []), env=env,
+                               stdout=subprocess.PIPE, stderr=log_file)
+    port = read_port_within(process, 30, log_file)
+    if port is None:
+        stop_process(process)
+        raise OdenError("a local worker did not start: see %s" % log_file.name)
+    return process, port
+
+
+def read_port_within(process, seconds, sink):
+    """The port from a worker's first line; its later output is copied on to `sink`."""
+    first = threading.Event()
+    lines = []
+
+    def copy():
+        with process.stdout, contextlib.suppress(ValueError, OSError):     # sink may close first
+            for line in process.stdout:
+                if not first.is_set():
+                    lines.append(line.decode("utf-8", "replace"))
+                    first.set()
+                sink.write(line)
+                sink.flush()
+        first.set()
+
+    threading.Thread(target=copy, daemon=True).start()
+    first.wait(seconds)
+    match = re.search(r"listening on https?://\S*:(\d+)", lines[0] if lines else "")
+    return int(match.group(1)) if match else None
+
+
+def stop_process(process):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_test(job):
+    """Run calc on every task here, one after another, and report each."""
+    tasks = list(job.make_tasks())
+    failed = 0
+    for index, task in enumerate(tasks):
+        record = run_task(job.calc, index, dumps(task))
+        if record["ok"]:
+            print("task %d %r: %r" % (index, task, pickle.loads(record["result"])))
+        else:
+            failed += 1
+            print("task %d %r FAILED:\n%s" % (index, task, record["error"]))
+    print("%d tasks: %d ok, %d failed" % (len(tasks), len(tasks) - failed, failed))
+    return 1 if failed else 0
+
+
+def fetch_status(host, request_timeout, tls=None):
+    """One host's /status.json, or {"error": reason}."""
+    try:
+        with urllib.request.urlopen(host.uri + "/status.json", timeout=request_timeout, context=tls) as response:
+            return json.loads(response.read().decode())
+    except urllib.error.HTTPError as e:
+        return {"error": "HTTP %d: not an oden worker?" % e.code}
+    except urllib.error.URLError as e:
+        return {"error": explain_network_error(e.reason, request_timeout) if isinstance(e.reason, OSError)
+                else str(e.reason)}
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return {"error": explain_network_error(e, request_timeout)}
+
+
+def run_status(settings):
+    tls = ssl.create_default_context(cafile=settings.cafile) if settings.cafile else None
+    hosts = settings.host_list
+    if tls:
+        for host in hosts:
+            host.scheme = "https"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load")]
+    for host, state in zip(hosts, states):
+        if "error" in state:
+            rows.append((host.label, "no: " + state["error"], "", "", "", "", ""))
+        else:
+            load = state.get("load")
+            rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
+                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-"))
+    print(format_table(rows))
+    return 0 if all("error" not in s for s in states) else 1
+
+
+def format_table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def run_results(settings):
+    name, folder = settings.name, settings.folder
+    bad = []
+    on_bad = lambda path, why: bad.append((path, why))
+    done = list(read_records(result_paths(folder, name), on_bad))
+    errors = list(read_records(result_paths(folder, name, errors=True), on_bad)) if settings.errors or settings.summary else []
+    for path, why in bad:
+        print("skipped unreadable %s: %s" % (path, why), file=sys.stderr)
+    if settings.summary:
+        print(results_summary(name, done, errors))
+        return 0
+    records = [r for _, r in done] + [r for _, r in errors]
+    if settings.format == "json":
+        json.dump([plain_record(r) for r in records], sys.stdout, indent=1, default=repr)
+        print()
+    elif settings.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["index", "status", "task", "result", "host", "seconds"])
+        for r in records:
+            writer.writerow([r["index"], "done" if "result" in r else "error", repr(r["task"]),
+                             repr(r["result"]) if "result" in r else r.get("exception"), r["host"], task_seconds(r)])
+    else:
+        for r in records:
+            print("%r -> %s" % (r["task"], repr(r["result"]) if "result" in r else "ERROR " + r.get("exception", "")))
+    return 0
+
+
+def plain_record(record):
+    return {"index": record["index"], "status": "done" if "result" in record else "error", "task": record["task"],
+            "result": record.get("result"), "exception": record.get("exception"), "host": record["host"],
+            "seconds": task_seconds(record)}
+
+
+def task_seconds(record):
+    if record.get("started") and record.get("ended"):
+        return round(record["ended"] - record["started"], 6)
+    return None
+
+
+def results_summary(name, done, errors):
+    groups = collections.OrderedDict()
+    for _, record in errors:
+        groups.setdefault(record.get("exception", "?"), []).append(record)
+    lines = ["run %r: %d done, %d errors" % (name, len(done), len(errors))]
+    for exception, records in sorted(groups.items(), key=lambda item: -len(item[1])):
+        lines.append("\n%d x %s\n  e.g. task %r:\n%s" % (len(records), exception, records[0]["task"],
+                                                           "    " + records[0]["error"].rstrip().replace("\n", "\n    ")))
+    return "\n".join(lines)
+
+
+def run_init(key_file):
+    path = key_path(key_file)
+    if os.path.exists(path):
+        print("%s exists already: nothing to do (delete it first to make a new key)" % path)
+        return 0
+    create_key(key_file)
+    print("created %s (readable by you only): copy it with the project to every worker" % path)
+    return 0
+
+
+# ====================================================================
+# Command line and library entry point
+# ====================================================================
+
+USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "make_tasks",
+                 "calc", "handle_finish_machine", "handle_finish_tasks", "show_status")
+
+
+class Job:
+    """The user's settings and functions: the user section, overridden by main()'s keywords."""
+
+    def __init__(self, **overrides):
+        unknown = set(overrides) - set(USER_SETTINGS)
+        if unknown:
+            raise TypeError("oden.main() got unknown settings %s; known: %s" % (sorted(unknown), ", ".join(USER_SETTINGS)))
+        for setting in USER_SETTINGS:
+            setattr(self, setting, overrides.get(setting, globals()[setting]))
+
+
+def build_parser(job):
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "oden.py",
+        description="oden: spread independent tasks over many machines. "
+                    "Try 'local' first; 'COMMAND --help' tells more.")
+    parser.add_argument("--version", action="version", version="oden " + VERSION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(name_, help_):
+        return commands.add_parser(name_, help=help_, description=help_)
+
+    def manager_options(p):
+        p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file (default: the 'hosts' setting, else hosts.txt next to the script)")
+        p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds for every HTTP request (default %(default)s)")
+        p.add_argument("--interval-polling", type=positive_float, default=job.interval_polling, help="longest wait of one poll, seconds (default %(default)s)")
+        p.add_argument("--task-timeout", type=positive_float, default=job.task_timeout, help="seconds a task may run before it is an error (default: %(default)s)")
+        p.add_argument("--chunksize", type=positive_int, default=job.chunksize, help="tasks per batch (default: automatic)")
+        p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS, help="connection failures a task survives (default %(default)s)")
+        p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS, help="worker deaths a task may witness before it is an error (default %(default)s)")
+        p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER, help="stop when every host has been down this many seconds (default %(default)s)")
+        p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
+        p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection (urllib) for every request")
+        p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
+        p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
+        p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
+        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
+        p.add_argument("-v", "--verbose", action="count", default=0, help="log every task")
+
+    def common(p):
+        p.add_argument("--name", default=job.name, help="the run's name, prefix of its files (default %(default)s)")
+        p.add_argument("--folder", default=".", help="where result files and logs go (default: current folder)")
+        p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+
+    p = command("worker", "serve tasks on this machine (run it on every remote)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port to listen on (default %(default)s; 0 picks a free one)")
+    p.add_argument("--bind", default=DEFAULT_BIND, help="address to listen on (default %(default)s)")
+    p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1, help="tasks at once (default: the number of cores, %(default)s)")
+    p.add_argument("--threads", action="store_true", help="run calc in threads of this process instead of child processes")
+    p.add_argument("--max-body", type=positive_int, default=MAX_BODY, help="largest request in bytes (default %(default)s)")
+    p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    p.add_argument("--insecure", action="store_true", help="listen beyond loopback without a key (trusted networks only)")
+    p.add_argument("--name", default=job.name, help=argparse.SUPPRESS)
+    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log every request")
+    for mode, text in (("manager", "run every task on the hosts in hosts.txt"),
+                       ("resume", "run only the tasks without a saved success")):
+        p = command(mode, text)
+        manager_options(p)
+        common(p)
+    p = command("local", "run the job on loopback workers on this machine (try this first)")
+    p.add_argument("--workers", type=positive_int, default=3, help="worker processes (default %(default)s)")
+    p.add_argument("--slots", type=positive_int, help="slots per worker (default: cores / workers)")
+    p.add_argument("--threads", action="store_true", help="workers run calc in threads")
+    p.add_argument("--resume", action="store_true", help="run only the tasks without a saved success")
+    manager_options(p)
+    common(p)
+    command("test", "run calc on every task here, in this process, and print each outcome")
+    p = command("status", "show the state of every host")
+    p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
+    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
+    p.add_argument("--cafile", help="use https, trusting this CA or certificate")
+    p = command("results", "print the saved results of a run")
+    p.add_argument("--errors", action="store_true", help="include errors")
+    p.add_argument("--summary", action="store_true", help="counts, and failures grouped by exception")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
+    group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV table")
+    common(p)
+    p = command("init", "create the key file that workers and manager share")
+    p.add_argument("--key-file", help="where (default: %s next to the script)" % KEY_FILE)
+    return parser
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more, not %d" % value)
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0, not %s" % text)
+    return value
+
+
+def port_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError("port must be 0-65535, not %d" % value)
+    return value
+
+
+def dispatch(job, settings):
+    if settings.command == "worker":
+        setup_logging(settings.verbose)
+        return run_worker(job, settings)
+    if settings.command == "init":
+        return run_init(settings.key_file)
+    if settings.command == "test":
+        return run_test(job)
+    if settings.command == "results":
+        return run_results(settings)
+    settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
+    if settings.command == "status":
+        return run_status(settings)
+    setup_logging(settings.verbose, settings.quiet)
+    if settings.command == "local":
+        return run_local(job, settings, os.path.abspath(sys.argv[0]))
+    return run_manager(job, settings, settings.command == "resume")
+
+
+def main(argv=None, **user_settings):
+    """Run a command.  From a script of your own: oden.main(calc=..., make_tasks=..., name=...)."""
+    job = Job(**user_settings)
+    settings = build_parser(job).parse_args(argv)
+    settings.name = getattr(settings, "name", job.name)
+    try:
+        return dispatch(job, settings)
+    except OdenError as e:
+        print("oden: error: %s" % e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oden: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
