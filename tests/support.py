@@ -1,0 +1,228 @@
+"""Shared test helpers: a project folder with a copy of oden.py, real worker
+processes on free loopback ports, and the manager run as a user would run it.
+
+Every process started here is registered with the test case and reaped in
+cleanup; every wait is bounded.
+"""
+import glob
+import os
+import pickle
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ODEN = os.path.join(ROOT, "oden.py")
+BEGIN, END = "# ------ User write below ------", "# ------ User write above ------"
+LIBRARY_HEADER = """\
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oden
+"""
+LIBRARY_FOOTER = """
+if __name__ == "__main__":
+    sys.exit(oden.main(make_tasks=make_tasks, calc=calc, name=NAME))
+"""
+
+
+class Worker:
+    """A `worker` process on a free loopback port; its output goes to a file."""
+
+    def __init__(self, process, port, output_path):
+        self.process, self.port, self.output_path = process, port, output_path
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def kill(self):
+        """SIGKILL, as a crash or a pulled plug would."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(15)
+
+    def output(self):
+        with open(self.output_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+class Project:
+    """A temporary project folder, as a user would have after copying oden.py.
+
+    script: the file commands run ("oden.py" with its user section replaced,
+    or "job.py" that imports oden, the library way).
+    """
+
+    def __init__(self, test, user_code=None, library_code=None, name="t", key=True):
+        self.test = test
+        self.folder = tempfile.mkdtemp(prefix="oden-test-")
+        test.addCleanup(shutil.rmtree, self.folder, True)
+        self.name = name
+        shutil.copy(ODEN, os.path.join(self.folder, "oden.py"))
+        self.env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.env.pop("ODEN_KEY", None)
+        if key:
+            self.env["ODEN_KEY"] = secrets.token_urlsafe(24)
+        self.processes = []
+        test.addCleanup(self.reap)
+        if library_code is not None:
+            self.script = os.path.join(self.folder, "job.py")
+            with open(self.script, "w") as f:
+                f.write(LIBRARY_HEADER + "NAME = %r\n" % name + textwrap.dedent(library_code) + LIBRARY_FOOTER)
+        else:
+            self.script = os.path.join(self.folder, "oden.py")
+            if user_code is not None:
+                self.set_user_section(user_code)
+
+    def set_user_section(self, code):
+        """Replace the user section of the project's oden.py with `code` (dedented)."""
+        path = os.path.join(self.folder, "oden.py")
+        with open(path) as f:
+            text = f.read()
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        with open(path, "w") as f:
+            f.write(text[:start] + "\n" + textwrap.dedent(code) + "\n" + text[end:])
+
+    def path(self, *parts):
+        return os.path.join(self.folder, *parts)
+
+    def write_hosts(self, workers_or_lines):
+        lines = [w.address if isinstance(w, Worker) else w for w in workers_or_lines]
+        with open(self.path("hosts.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start_worker(self, *args, port=0, wait=60):
+        """Start `python3 script worker` on loopback; return a Worker once it listens."""
+        output_path = self.path("worker-%d-%s.out" % (len(self.processes), secrets.token_hex(2)))
+        out = open(output_path, "wb")
+        command = [sys.executable, self.script, "worker", "--bind", "127.0.0.1", "--port", str(port)] + list(args)
+        process = subprocess.Popen(command, cwd=self.folder, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        out.close()
+        self.processes.append(process)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with open(output_path, encoding="utf-8", errors="replace") as f:
+                match = re.search(r"listening on https?://\S*:(\d+)", f.read())
+            if match:
+                return Worker(process, int(match.group(1)), output_path)
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        with open(output_path, encoding="utf-8", errors="replace") as f:
+            raise AssertionError("worker did not start: %s" % f.read())
+
+    def start_workers(self, count, *args):
+        return [self.start_worker(*args) for _ in range(count)]
+
+    def popen(self, *args, **kwargs):
+        """Start a command of the project's script without waiting (e.g. a manager to kill)."""
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, self.script] + list(args), cwd=self.folder, env=self.env,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def run(self, *args, timeout=180, input=None):
+        """Run a command of the project's script to the end; return CompletedProcess with .output text."""
+        process = subprocess.run([sys.executable, self.script] + list(args), cwd=self.folder, env=self.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                                 input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        process.output = process.stdout.decode("utf-8", "replace")
+        return process
+
+    def files(self, pattern):
+        return sorted(glob.glob(self.path(pattern)))
+
+    def records(self, suffix=".done.pickle"):
+        """Every result record with that suffix, as dicts."""
+        found = []
+        for path in self.files(self.name + "*" + suffix):
+            with open(path, "rb") as f:
+                found.append(pickle.load(f))
+        return found
+
+    def reap(self):
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except OSError:
+                    process.kill()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (process.stdout, process.stderr):
+                if stream:
+                    stream.close()
+
+
+def silent_server():
+    """A loopback socket that accepts connections and never answers: (port, close function)."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+    return server.getsockname()[1], close
+
+
+def free_port():
+    """A port nothing listens on (for 'worker never started' tests)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OdenTestCase(unittest.TestCase):
+    maxDiff = None
+
+    def project(self, **kwargs):
+        return Project(self, **kwargs)
+
+    def assertRan(self, completed, code=0):
+        self.assertEqual(completed.returncode, code, completed.output[-4000:])
