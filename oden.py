@@ -198,7 +198,8 @@ def _digest(body):
 
 
 class Codec:
-    """Seals and opens every POST body.  One instance per process; thread-safe."""
+    """Seals and opens every POST body.  The manager has one per host (each a
+    session with its own counter); a worker has one for all its clients."""
 
     def __init__(self, key):
         self.key = key
@@ -358,6 +359,9 @@ class TaskOutput:
             yield kept
         finally:
             TaskOutput.local.kept = None
+            for stream in (sys.stdout, sys.stderr):     # a slot process may be killed later: keep nothing buffered
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    stream.flush()
 
 
 def error_record(index, error, exception, started=None, output=""):
@@ -370,9 +374,15 @@ def run_task(calc, index, task_bytes):
     started = time.time()
     with TaskOutput.capture() as kept:
         try:
-            result = dumps(calc(pickle.loads(task_bytes)))
+            value = calc(pickle.loads(task_bytes))
         except (Exception, SystemExit) as e:
             return error_record(index, traceback.format_exc(), one_line(e), started, "".join(kept)[-OUTPUT_TAIL:])
+        try:
+            result = dumps(value)
+        except Exception as e:             # some Pythons say only "AttributeError: Can't get local object"
+            return error_record(index, traceback.format_exc(), "PicklingError: calc returned a %s that cannot be "
+                                "pickled (%s): return plain data" % (type(value).__name__, one_line(e)),
+                                started, "".join(kept)[-OUTPUT_TAIL:])
     return {"index": index, "ok": True, "result": result, "started": started,
             "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
 
@@ -620,13 +630,14 @@ class WorkerState:
         with self.lock:
             running = sorted(now - b.since for b in self.running.values() if b.since is not None)
             state = {"state": "busy" if self.running else "idle", "slots": self.slots,
-                     "slots_busy": len(self.running), "queued_batches": len(self.queued),
+                     "slots_busy": len(self.running), "slots_free": self.slots - len(self.running),
+                     "queued_batches": len(self.queued),
                      "running_task_ages": [round(age, 1) for age in running],
                      "done": self.done, "failed": self.failed}
         state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
                       "uptime": round(now - self.started, 1), "version": VERSION,
                       "python": platform.python_version(), "host": platform.node(),
-                      "load": os.getloadavg() if hasattr(os, "getloadavg") else None})
+                      "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None})
         return state
 
 
@@ -655,6 +666,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
     server_version = "oden/" + VERSION
     timeout = REQUEST_READ_TIMEOUT           # a slow or truncated body times out here
+    disable_nagle_algorithm = True           # headers and body go out as two writes: no 40 ms delayed-ACK stall
+    error_message_format = "%(message)s\n"   # http.server's own refusals (bad request line...): one line too
+    error_content_type = "text/plain; charset=utf-8"
     post_routes = {"/hello": lambda state, m: state.hello(),
                    "/submit": lambda state, m: state.submit(m),
                    "/poll": lambda state, m: state.poll(m)}
@@ -693,11 +707,13 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):      # isdigit alone passes "²", which int() refuses
             self._fail(411, "a POST needs a Content-Length")
             return None
         if int(length) > self.server.max_body:
-            self._fail(413, "body of %s bytes is over the limit of %d (--max-body)" % (length, self.server.max_body))
+            reason = "body of %s bytes is over the limit of %d (--max-body)" % (length, self.server.max_body)
+            log.warning("refused %s from %s: %s", self.path, self.client_address[0], reason)
+            self._fail(413, reason)
             return None
         body = self.rfile.read(int(length))
         if len(body) != int(length):
@@ -778,7 +794,11 @@ def run_worker(job, args):
     tls = None
     if args.certfile:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.load_cert_chain(args.certfile, args.keyfile)
+        try:
+            tls.load_cert_chain(args.certfile, args.keyfile)
+        except (OSError, ssl.SSLError) as e:
+            raise OdenError("cannot load the certificate %s (%s): check --certfile and --keyfile"
+                            % (args.certfile, getattr(e, "strerror", None) or e))
     state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name)
     state.start_slots()
     try:
@@ -836,7 +856,7 @@ def parse_hosts(text, source):
         port = int(match.group("port") or DEFAULT_PORT) if match else 0
         if not match or not 0 < port < 65536:
             raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
-                            % (source, number, raw.strip()))
+                            % (source, number, raw.strip()[:80]))
         found.append(Host(len(found) + 1, match.group("v6") or match.group("name"), port))
     return found
 
@@ -939,8 +959,10 @@ def explain_network_error(error, seconds):
         return "no answer within %g s: the machine may be down, or a firewall drops the port" % seconds
     if isinstance(error, ssl.SSLError):
         return "TLS failed (%s): check --cafile and the worker's --certfile" % getattr(error, "reason", error)
-    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, http.client.BadStatusLine)):
-        return "connection closed without an answer: the worker died, or that port is not an oden worker"
+    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                          http.client.BadStatusLine)):
+        return ("connection closed without an answer: the worker died, that port is not an oden worker, "
+                "or the worker serves TLS (then pass --cafile)")
     return one_line(error)
 
 
@@ -1082,7 +1104,7 @@ class HostRunner:
 
     def __init__(self, run, host):
         self.run, self.host = run, host
-        self.client = HostClient(host, run.codec, run.settings.timeout, run.tls, run.settings.keepalive)
+        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive)
         self.in_flight = {}              # batch id -> [task indices]
         self.acks = []
         self.slots = 0
@@ -1113,6 +1135,8 @@ class HostRunner:
                 self.lost("unexpected error in the manager")
                 board.sleep(backoff)
         self.collect_last()
+        if board.finished and self.client.boot is not None:
+            self.tell_finished()         # the host that ran the last tasks never went idle
         self.client.close()
 
     def connect(self):
@@ -1183,10 +1207,15 @@ class HostRunner:
 
     def idle(self):
         """Nothing in flight and nothing to take: tell the user once, then wait for news."""
-        if not self.finished_told and not self.run.board.pending:
+        if not self.run.board.pending:
+            self.tell_finished()
+        self.run.board.wait(self.run.settings.interval_polling)
+
+    def tell_finished(self):
+        """handle_finish_machine, once per connection to the host."""
+        if not self.finished_told:
             self.finished_told = True
             self.run.call_user("handle_finish_machine", self.host.uri, self.run.settings.name)
-        self.run.board.wait(self.run.settings.interval_polling)
 
     def collect_last(self):
         """After a stop, pick up results already waiting, then give back the rest."""
@@ -1258,6 +1287,16 @@ def workers_log_name(name, stamp):
 
 def timestamp():
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def unused_stamp(folder, name):
+    """A timestamp no file of run `name` in `folder` carries yet: a run started in
+    the same second as the previous one must not overwrite its result files."""
+    stamp = timestamp()
+    while glob.glob(os.path.join(glob.escape(folder), "%s*_%s*" % (glob.escape(name), stamp))):
+        time.sleep(0.1)
+        stamp = timestamp()
+    return stamp
 
 
 def write_atomically(path, data):
@@ -1359,10 +1398,11 @@ def load_results(name=None, folder=".", errors=False):
     """Yield (task, result) for every success of run `name`; with errors=True
     also (task, record) for every error, where record["error"] is the traceback."""
     name = name or globals()["name"]
-    for _, record in read_records(result_paths(folder, name)):
+    on_bad = lambda path, why: log.warning("skipped unreadable result file %s (%s)", path, why)
+    for _, record in read_records(result_paths(folder, name), on_bad):
         yield record["task"], record["result"]
     if errors:
-        for _, record in read_records(result_paths(folder, name, errors=True)):
+        for _, record in read_records(result_paths(folder, name, errors=True), on_bad):
             yield record["task"], record
 
 
@@ -1376,8 +1416,8 @@ class Run:
     def __init__(self, job, settings, tasks, task_bytes, indices, hosts, key, tls):
         self.job, self.settings, self.tasks, self.hosts, self.tls = job, settings, tasks, hosts, tls
         self.id = secrets.token_hex(6)
-        self.stamp = timestamp()
-        self.codec = Codec(key)
+        self.stamp = unused_stamp(settings.folder, settings.name)
+        self.key = key                   # each HostClient signs with a Codec (a session) of its own
         self.code = code_digest()
         self.task_bytes = task_bytes
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
@@ -1455,7 +1495,11 @@ def pickle_tasks(tasks):
 
 
 class Progress:
-    """The live line on a terminal, or a log line every PROGRESS_LOG_EVERY s elsewhere."""
+    """The live line on a terminal, or a log line every PROGRESS_LOG_EVERY s elsewhere.
+
+    On a terminal the console log writes through this object: a log line first
+    wipes the progress line, so the two never share a line; the next tick redraws it.
+    """
 
     def __init__(self, run, stream, quiet):
         self.run, self.stream, self.quiet = run, stream, quiet
@@ -1463,17 +1507,34 @@ class Progress:
         self.history = collections.deque(maxlen=50)     # (time, finished) for the recent rate
         self.last_log = time.monotonic()
         self.width = 0
+        self.lock = threading.Lock()
+        self.console = [h for h in log.handlers if getattr(h, "stream", None) is stream] if self.tty else []
+        for handler in self.console:
+            handler.setStream(self)
+
+    def write(self, text):
+        with self.lock:
+            self._wipe()
+            self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def _wipe(self):
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.width = 0
 
     def line(self):
-        finished, in_flight, _ = self.run.board.counts()
-        total = self.run.board.total
+        _, in_flight, _ = self.run.board.counts()
+        finished, total = self.run.done + self.run.failed, self.run.board.total
         now = time.monotonic()
         self.history.append((now, finished))
         first_time, first_count = self.history[0]
         rate = (finished - first_count) / (now - first_time) if now > first_time else 0.0
         eta = format_seconds((total - finished) / rate) if rate > 0 else "?"
         up = len(self.run.fleet.up)
-        return ("%d/%d finished (%d done, %d failed), %d running | %.1f tasks/s | %s elapsed | ETA %s | "
+        return ("%d/%d finished (%d done, %d failed), %d in flight | %.1f tasks/s | %s elapsed | ETA %s | "
                 "hosts %d up %d down" % (finished, total, self.run.done, self.run.failed, in_flight, rate,
                                          format_seconds(now - self.run.started), eta, up, len(self.run.hosts) - up))
 
@@ -1482,17 +1543,20 @@ class Progress:
             return
         if self.tty:
             text = self.line()
-            self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
-            self.stream.flush()
-            self.width = len(text)
+            with self.lock:
+                self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+                self.stream.flush()
+                self.width = len(text)
         elif time.monotonic() - self.last_log >= PROGRESS_LOG_EVERY:
             self.last_log = time.monotonic()
             log.info("progress: %s", self.line())
 
     def close(self):
-        if self.tty and not self.quiet and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
+        with self.lock:
+            self._wipe()
             self.stream.flush()
+        for handler in self.console:
+            handler.setStream(self.stream)
 
 
 def format_seconds(seconds):
@@ -1505,7 +1569,8 @@ def summary_table(run):
     for host in run.hosts:
         done, failed, seconds = run.per_host.get(host.label, (0, 0, 0.0))
         rows.append((host.label, str(done), str(failed), "%.3f" % (seconds / (done + failed)) if done + failed else "-"))
-    rows.append(("total", str(run.done), str(run.failed), ""))
+    seconds, count = sum(s for _, _, s in run.per_host.values()), run.done + run.failed
+    rows.append(("total", str(run.done), str(run.failed), "%.3f" % (seconds / count) if count else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in rows)
@@ -1545,7 +1610,7 @@ def run_manager(job, settings, resume):
     else:
         confirm_new_run(folder, name, settings.yes)
         indices = list(range(len(tasks)))
-    tls = ssl.create_default_context(cafile=settings.cafile) if settings.cafile else None
+    tls = client_tls(settings.cafile)
     run = Run(job, settings, tasks, task_bytes, indices, hosts, key, tls)
     if tls:
         for host in hosts:
@@ -1565,7 +1630,7 @@ def drive(run):
     futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
     try:
         while not board.finished:
-            board.wait(PROGRESS_TTY_EVERY if progress.tty else 1.0)
+            board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)   # not wait(): one redraw per period
             progress.tick()
             if run.fleet.down_for() > settings.give_up_after:
                 gave_up = True
@@ -1713,6 +1778,17 @@ def run_test(job):
     return 1 if failed else 0
 
 
+def client_tls(cafile):
+    """The TLS context that trusts `cafile` for talking to workers, or None (plain http)."""
+    if not cafile:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as e:
+        raise OdenError("cannot load --cafile %s (%s): give the CA or certificate (PEM) the workers use"
+                        % (cafile, getattr(e, "strerror", None) or e))
+
+
 def fetch_status(host, request_timeout, tls=None):
     """One host's /status.json, or {"error": reason}."""
     try:
@@ -1728,21 +1804,21 @@ def fetch_status(host, request_timeout, tls=None):
 
 
 def run_status(settings):
-    tls = ssl.create_default_context(cafile=settings.cafile) if settings.cafile else None
+    tls = client_tls(settings.cafile)
     hosts = settings.host_list
     if tls:
         for host in hosts:
             host.scheme = "https"
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
         states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
-    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load")]
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "")]
     for host, state in zip(hosts, states):
         if "error" in state:
-            rows.append((host.label, "no: " + state["error"], "", "", "", "", ""))
+            rows.append((host.label, "no", "", "", "", "", "", state["error"]))
         else:
             load = state.get("load")
             rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
-                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-"))
+                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-", ""))
     print(format_table(rows))
     return 0 if all("error" not in s for s in states) else 1
 
@@ -1760,10 +1836,13 @@ def run_results(settings):
     errors = list(read_records(result_paths(folder, name, errors=True), on_bad)) if settings.errors or settings.summary else []
     for path, why in bad:
         print("skipped unreadable %s: %s" % (path, why), file=sys.stderr)
+    if not done and not errors and not result_paths(folder, name, errors=True):
+        print("no result files of run %r in %s: check --name and --folder"
+              % (name, os.path.abspath(folder)), file=sys.stderr)
     if settings.summary:
         print(results_summary(name, done, errors))
         return 0
-    records = [r for _, r in done] + [r for _, r in errors]
+    records = sorted([r for _, r in done] + [r for _, r in errors], key=lambda r: r["index"])
     if settings.format == "json":
         json.dump([plain_record(r) for r in records], sys.stdout, indent=1, default=repr)
         print()
@@ -1831,8 +1910,15 @@ class Job:
             setattr(self, setting, overrides.get(setting, globals()[setting]))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other oden error (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, "oden: error: %s (see '%s --help')\n" % (message, self.prog))
+
+
 def build_parser(job):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "oden.py",
         description="oden: spread independent tasks over many machines. "
                     "Try 'local' first; 'COMMAND --help' tells more.")
@@ -1937,6 +2023,9 @@ def port_number(text):
 
 
 def dispatch(job, settings):
+    folder = getattr(settings, "folder", None)
+    if folder is not None and not os.path.isdir(folder):
+        raise OdenError("folder %s does not exist: create it, or pass another --folder" % folder)
     if settings.command == "worker":
         setup_logging(settings.verbose)
         return run_worker(job, settings)
@@ -1968,6 +2057,9 @@ def main(argv=None, **user_settings):
     except KeyboardInterrupt:
         print("oden: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                  # output piped into `head` and the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
