@@ -1900,14 +1900,29 @@ USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout",
 
 
 class Job:
-    """The user's settings and functions: the user section, overridden by main()'s keywords."""
+    """The user's settings and functions.
+
+    Run as oden.py: the user section.  Called as oden.main(**settings) from a
+    script of the user's: those settings; the sort example's own make_tasks,
+    calc, name and show_status are never mixed in (the name defaults to the
+    script's name), the other settings default to the user section's values.
+    """
 
     def __init__(self, **overrides):
         unknown = set(overrides) - set(USER_SETTINGS)
         if unknown:
-            raise TypeError("oden.main() got unknown settings %s; known: %s" % (sorted(unknown), ", ".join(USER_SETTINGS)))
+            raise OdenError("oden.main() got unknown settings %s; known: %s"
+                            % (", ".join(sorted(unknown)), ", ".join(USER_SETTINGS)))
+        defaults = dict((setting, globals()[setting]) for setting in USER_SETTINGS)
+        if overrides:
+            missing = [f for f in ("make_tasks", "calc") if f not in overrides]
+            if missing:
+                raise OdenError("oden.main() needs %s: pass your own functions, e.g. "
+                                "oden.main(make_tasks=make_tasks, calc=calc)" % " and ".join(missing))
+            script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "oden"
+            defaults.update(name=script, show_status=lambda: "oden worker for run %r" % self.name)
         for setting in USER_SETTINGS:
-            setattr(self, setting, overrides.get(setting, globals()[setting]))
+            setattr(self, setting, overrides.get(setting, defaults[setting]))
 
 
 class Parser(argparse.ArgumentParser):
@@ -2046,10 +2061,10 @@ def dispatch(job, settings):
 
 def main(argv=None, **user_settings):
     """Run a command.  From a script of your own: oden.main(calc=..., make_tasks=..., name=...)."""
-    job = Job(**user_settings)
-    settings = build_parser(job).parse_args(argv)
-    settings.name = getattr(settings, "name", job.name)
     try:
+        job = Job(**user_settings)
+        settings = build_parser(job).parse_args(argv)
+        settings.name = getattr(settings, "name", job.name)
         return dispatch(job, settings)
     except OdenError as e:
         print("oden: error: %s" % e, file=sys.stderr)

@@ -514,9 +514,23 @@ class LibraryTest(support.OdenTestCase):
             f.write("import sys, oden\nsys.exit(oden.main(make_task=list, calc=len))\n")
         completed = subprocess.run([sys.executable, "typo.py", "test"], cwd=project.folder, env=project.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        self.assertNotEqual(completed.returncode, 0)
-        self.assertIn("unknown settings ['make_task']", completed.stdout.decode())
-        self.assertIn("make_tasks", completed.stdout.decode())
+        output = completed.stdout.decode()
+        self.assertEqual(completed.returncode, 2, output)
+        self.assertIn("oden: error: oden.main() got unknown settings make_task;", output)
+        self.assertIn("make_tasks", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_a_library_job_must_bring_its_own_functions(self):
+        """The sort example's make_tasks and calc are never mixed into a library job."""
+        project = self.project(library_code=LIBRARY_JOB)
+        with open(project.path("partial.py"), "w") as f:
+            f.write("import sys, oden\nsys.exit(oden.main(calc=len))\n")
+        completed = subprocess.run([sys.executable, "partial.py", "test"], cwd=project.folder, env=project.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        output = completed.stdout.decode()
+        self.assertEqual(completed.returncode, 2, output)
+        self.assertIn("oden.main() needs make_tasks", output)
+        self.assertNotIn("Traceback", output)
 
 
 # ------------------------------------------------------------------ command line
