@@ -277,7 +277,10 @@ def key_path(key_file=None):
 def load_key(key_file=None):
     """The shared key from $ODEN_KEY or the key file, or None when there is none."""
     if os.environ.get(KEY_ENV):
-        return os.environ[KEY_ENV].encode()
+        if len(os.environ[KEY_ENV].strip()) < 16:
+            raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the contents "
+                            "of a file made by 'python3 oden.py init'" % KEY_ENV)
+        return os.environ[KEY_ENV].strip().encode()
     path = key_path(key_file)
     if not os.path.exists(path):
         return None
@@ -895,16 +898,23 @@ class HostClient:
         self.connection = None
 
     def call(self, path, message, extra_wait=0):
-        body, headers, ticket = self.codec.seal_request(path, message, self.boot)
-        try:
-            status, header, reply = self._post(path, body, headers, self.timeout + extra_wait)
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            raise HostError(explain_network_error(e, self.timeout + extra_wait))
+        for attempt in (1, 2):
+            body, headers, ticket = self.codec.seal_request(path, message, self.boot)
+            reused = self.keepalive and self.connection is not None
+            try:
+                status, header, reply = self._post(path, body, headers, self.timeout + extra_wait)
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self.close()
+                if not (reused and attempt == 1):     # else: the worker closed an idle kept-alive connection
+                    raise HostError(explain_network_error(e, self.timeout + extra_wait))
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise HostError(explain_network_error(e, self.timeout + extra_wait))
         if status != 200:
             text = reply.decode("utf-8", "replace").strip().splitlines()
             raise HostError("HTTP %d: %s" % (status, text[0] if text else "no reason given")
-                            + (" (is the worker's oden.key the same as ours?)" if status in (401, 403) else ""))
+                            + (" (is the worker's oden.key the same as ours?)" if "signature" in str(text) else ""))
         try:
             return self.codec.open_reply(ticket, status, header, reply)
         except AuthError as e:
@@ -923,26 +933,18 @@ class HostClient:
                 return e.code, None, e.read()
             except urllib.error.URLError as e:
                 raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
-        for attempt in (1, 2):
-            reused = self.connection is not None
-            if not reused:
-                self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port, context=self.tls)
-                                   if self.tls else http.client.HTTPConnection(self.host.address, self.host.port))
-            self.connection.timeout = request_timeout
-            if self.connection.sock is not None:
-                self.connection.sock.settimeout(request_timeout)
-            try:
-                self.connection.request("POST", path, body, headers)
-                response = self.connection.getresponse()
-                data = response.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if reused and attempt == 1:
-                    continue                         # the worker closed an idle kept-alive connection
-                raise
-            if response.will_close:
-                self.close()
-            return response.status, response.getheader(AUTH_HEADER), data
+        if self.connection is None:
+            self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port, context=self.tls)
+                               if self.tls else http.client.HTTPConnection(self.host.address, self.host.port))
+        self.connection.timeout = request_timeout
+        if self.connection.sock is not None:
+            self.connection.sock.settimeout(request_timeout)
+        self.connection.request("POST", path, body, headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        if response.will_close:
+            self.close()
+        return response.status, response.getheader(AUTH_HEADER), data
 
     def close(self):
         if self.connection is not None:
