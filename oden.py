@@ -395,77 +395,112 @@ def one_line(exception):
     return type(exception).__name__ + (": " + text[0] if text else "")
 
 
-def slot_process_main(conn, calc):
-    """Body of a slot's child process: run the batches it is sent, one record per task."""
+def slot_process_main(conn, calc, position):
+    """Body of a slot's child process: run each batch it is sent and send back its records
+    in one message; `position` tells the parent which task of the batch runs now."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C on the worker's console is the parent's
     TaskOutput.install()
     try:
         while True:
-            for index, task_bytes in conn.recv():
-                conn.send(run_task(calc, index, task_bytes))
+            items = conn.recv()
+            records = []
+            for number, (index, task_bytes) in enumerate(items):
+                position.value = number
+                records.append(run_task(calc, index, task_bytes))
+            conn.send(records)
     except (EOFError, OSError):
         pass                                           # the worker is gone: so are we
 
 
 class ProcessSlot:
     """Runs tasks in a child process: CPU-bound calc runs in parallel, a crash
-    costs one task, and a task over its time limit can really be stopped."""
+    costs one task, and a task over its time limit can really be stopped.
+
+    A batch goes to the child in one message and its records come back in one,
+    so tiny tasks do not pay a pipe round trip each.  While a batch runs, the
+    parent wakes every CHECK_EVERY s to read the shared `position` (for the
+    status page and the time limit); when the child dies or overruns, the task
+    at `position` is the culprit, and the batch's other unreported tasks run
+    again in a new child.
+    """
 
     # forkserver: children fork from a clean single-threaded server, so they hold
     # no copy of the worker's sockets or locks and see EOF when the worker dies.
     context = multiprocessing.get_context(
         "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    CHECK_EVERY = 0.1
 
     def __init__(self, calc):
         self.calc = calc
-        self.process = self.conn = None
+        self.process = self.conn = self.position = None
+        self.lock = threading.Lock()     # stop() comes from the slot's thread and from shutdown
+        self.closed = False
 
     def start(self):
-        self.conn, child = self.context.Pipe()
-        self.process = self.context.Process(target=slot_process_main, args=(child, self.calc), daemon=True)
-        self.process.start()
-        child.close()
+        with self.lock:
+            if self.closed:
+                return
+            self.conn, child = self.context.Pipe()
+            self.position = self.context.RawValue("l", 0)
+            self.process = self.context.Process(target=slot_process_main, args=(child, self.calc, self.position),
+                                                daemon=True)
+            self.process.start()
+            child.close()
 
-    def stop(self):
-        if self.process is not None:
-            self.process.kill()
-            self.process.join(5)
-            self.conn.close()
-            self.process = None
+    def stop(self, final=False):
+        """Kill the child (it restarts on the next batch), or for good with final=True."""
+        with self.lock:
+            self.closed = self.closed or final
+            if self.process is not None:
+                self.process.kill()
+                self.process.join(5)
+                self.conn.close()
+                self.process = None
 
     def run(self, items, limit, mark_running):
         """Yield one record per (index, task bytes) item, restarting the child after a crash or a timeout."""
         todo = list(items)
-        while todo:
+        while todo and not self.closed:
             if self.process is None or not self.process.is_alive():
                 self.stop()
                 self.start()
             try:
+                self.position.value = 0
                 self.conn.send(todo)
-            except OSError:
+            except (OSError, AttributeError):      # the child died, or shutdown took it away
                 self.stop()
                 continue
-            while todo:
-                index = todo[0][0]
-                mark_running(index)
-                if not self.conn.poll(limit):
-                    self.stop()
-                    yield error_record(index, "timed out after %s s (its process was killed)" % limit,
-                                       "TimeoutError: timed out after %s s" % limit)
-                    todo.pop(0)
-                    break
-                try:
-                    record = self.conn.recv()
-                except (EOFError, OSError):
-                    self.process.join(5)
-                    code = self.process.exitcode
-                    self.stop()
-                    yield error_record(index, "its process died (exit code %s) while running this task" % code,
-                                       "WorkerCrash: process died with exit code %s" % code)
-                    todo.pop(0)
-                    break
-                todo.pop(0)
+            records, failed_at, failure = self._collect(todo, limit, mark_running)
+            for record in records + ([failure] if failure else []):
                 yield record
+            todo = todo[len(records):failed_at] + todo[failed_at + 1:] if failure else []
+
+    def _collect(self, todo, limit, mark_running):
+        """Wait for the batch's records: (records, position of the failed task, its error record or None)."""
+        shown, since = -1, time.monotonic()
+        while True:
+            position = min(self.position.value, len(todo) - 1)
+            if position != shown:
+                shown, since = position, time.monotonic()
+                mark_running(todo[position][0])
+            try:
+                if self.conn.poll(self.CHECK_EVERY if limit else 1.0):
+                    return self.conn.recv(), None, None
+            except (EOFError, OSError, AttributeError):
+                return [], position, self._died(todo[position][0])
+            if limit and time.monotonic() - since >= limit:
+                self.stop()
+                return [], position, error_record(todo[position][0], "timed out after %s s (its process was killed)"
+                                                  % limit, "TimeoutError: timed out after %s s" % limit)
+
+    def _died(self, index):
+        process = self.process
+        if process is not None:
+            process.join(5)
+        code = process.exitcode if process is not None else None
+        self.stop()
+        return error_record(index, "its process died (exit code %s) while running this task" % code,
+                            "WorkerCrash: process died with exit code %s" % code)
 
 
 class ThreadSlot:
@@ -479,7 +514,7 @@ class ThreadSlot:
     def start(self):
         TaskOutput.install()
 
-    def stop(self):
+    def stop(self, final=False):
         pass
 
     def run(self, items, limit, mark_running):
@@ -532,6 +567,7 @@ class WorkerState:
         self.finished = {}           # batch id -> Batch, until the manager acks it
         self.done = self.failed = 0
         self.slot_objects = []
+        self.stopping = False        # set on shutdown: batches cut off then are never reported
 
     def start_slots(self):
         self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
@@ -541,8 +577,12 @@ class WorkerState:
             threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
 
     def stop_slots(self):
+        """Kill the slots.  What they were running is not reported as crashed: the manager
+        sees the host go away and runs those tasks elsewhere."""
+        with self.lock:
+            self.stopping = True
         for slot in self.slot_objects:
-            slot.stop()
+            slot.stop(final=True)
 
     def _slot_loop(self, slot):
         while True:
@@ -561,7 +601,7 @@ class WorkerState:
             with self.lock:
                 del self.running[batch.id]
                 batch.running = None
-                if batch.run_id == self.run_id:
+                if batch.run_id == self.run_id and not self.stopping:
                     self.finished[batch.id] = batch
                     self.results.notify_all()
 
@@ -570,6 +610,8 @@ class WorkerState:
 
     def _record(self, batch, record):
         batch.records.append(record)
+        if self.stopping:
+            return                       # cut off by shutdown: never reported, not counted
         if record["ok"]:
             self.done += 1
         else:
@@ -669,7 +711,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
     server_version = "oden/" + VERSION
     timeout = REQUEST_READ_TIMEOUT           # a slow or truncated body times out here
-    disable_nagle_algorithm = True           # headers and body go out as two writes: no 40 ms delayed-ACK stall
+    disable_nagle_algorithm = True           # a reply in two writes must not wait 40 ms for a delayed ACK
+    wbufsize = -1                            # buffered: headers and body leave in one write (flushed per request)
     error_message_format = "%(message)s\n"   # http.server's own refusals (bad request line...): one line too
     error_content_type = "text/plain; charset=utf-8"
     post_routes = {"/hello": lambda state, m: state.hello(),
@@ -971,8 +1014,9 @@ def explain_network_error(error, seconds):
 class TaskBoard:
     """The manager's shared queue and ledger of every task of the run.
 
-    All fields are guarded by `changed`'s lock; every change notifies it, so
-    waiting threads wake on news instead of polling.
+    All fields are guarded by `changed`'s lock; every change that gives a
+    waiting thread something to do (tasks back in the queue, the run's end,
+    a stop) notifies it, so waiting threads wake on news instead of polling.
     """
 
     def __init__(self, indices, max_attempts, max_deaths):
@@ -1046,13 +1090,19 @@ class TaskBoard:
             for index in indices:
                 self.copies[index] -= 1
 
+    def reopen(self, index):
+        """A finished task whose result could not be saved is unfinished again."""
+        with self.changed:
+            self.unfinished.add(index)
+
     def finish(self, index):
         """Mark a task finished; False if it already was (a duplicate result)."""
         with self.changed:
             if index not in self.unfinished:
                 return False
             self.unfinished.discard(index)
-            self.changed.notify_all()
+            if not self.unfinished:           # one task's end gives no waiter work: waking every idle host
+                self.changed.notify_all()     # per result costs O(hosts) CPU per task
             return True
 
     def wait(self, seconds):
@@ -1200,7 +1250,7 @@ class HostRunner:
             self.run.board.release(indices)
             for record in records:
                 self._learn(record)
-                self.run.accept(self.host, record)
+            self.run.accept(self.host, records)
         active = set(reply["active"])
         lost = [b for b in self.in_flight if b not in active]
         if lost:
@@ -1244,7 +1294,7 @@ class HostRunner:
     def _give_back(self, batch_ids, reason, died=False):
         indices = [i for b in batch_ids for i in self.in_flight.pop(b)]
         for index, why in self.run.board.give_back(indices, reason, died):
-            self.run.accept(self.host, error_record(index, why, "TaskLost: " + why))
+            self.run.accept(self.host, [error_record(index, why, "TaskLost: " + why)])
         if indices:
             log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(indices), reason)
 
@@ -1266,17 +1316,20 @@ class HostRunner:
 # Result files and resume
 # ====================================================================
 #
-# {name}{host number}_{timestamp}_{task index}.done.pickle   a success
-# {name}{host number}_{timestamp}_{task index}.error.pickle  an error
-# Each holds one pickled dict; see README.md "Result files".
+# {name}{host number}_{timestamp}_{task index}.done.pickle   a success: one pickled dict
+# {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
+# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
+#                                                            of one batch, named by its first task
+# See README.md "Result files" for the dict.
 
 DONE_SUFFIX = ".done.pickle"
 ERROR_SUFFIX = ".error.pickle"
+PACK_SUFFIX = ".pack.pickle"
 TEMP_MARK = ".tmp"
 
 
-def result_file_name(name, host_number, stamp, index, ok):
-    return "%s%d_%s_%d%s" % (name, host_number, stamp, index, DONE_SUFFIX if ok else ERROR_SUFFIX)
+def result_file_name(name, host_number, stamp, index, suffix):
+    return "%s%d_%s_%d%s" % (name, host_number, stamp, index, suffix)
 
 
 def log_file_name(name, stamp):
@@ -1304,35 +1357,45 @@ def unused_stamp(folder, name):
 def write_atomically(path, data):
     """Temporary file in the same folder, flush, fsync, rename: a crash leaves the old state or the new."""
     temp = "%s%s%s" % (path, TEMP_MARK, secrets.token_hex(4))
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
 
 
 def result_paths(folder, name, errors=False):
-    """Result files of run `name` (not of a longer name that starts with it), oldest first."""
-    suffix = ERROR_SUFFIX if errors else DONE_SUFFIX
-    pattern = re.compile(re.escape(name) + r"\d+_\d{8}-\d{6}_\d+" + re.escape(suffix) + "$")
-    found = [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
-             if pattern.match(os.path.basename(p))]
+    """Result files of run `name` (not of a longer name that starts with it), oldest first:
+    the successes (single and packed), or with errors=True the errors."""
+    found = []
+    for suffix in (ERROR_SUFFIX,) if errors else (DONE_SUFFIX, PACK_SUFFIX):
+        pattern = re.compile(re.escape(name) + r"\d+_\d{8}-\d{6}_\d+" + re.escape(suffix) + "$")
+        found += [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
+                  if pattern.match(os.path.basename(p))]
     return sorted(found, key=os.path.getmtime)
 
 
 def read_records(paths, on_bad=None):
-    """Yield (path, record) for each readable result file; report unreadable ones to on_bad."""
+    """Yield (path, record) for each record in readable result files (a pack holds
+    several); report unreadable files to on_bad."""
     for path in paths:
         try:
             with open(path, "rb") as f:
-                record = pickle.load(f)
-            if not isinstance(record, dict) or "task" not in record:
+                loaded = pickle.load(f)
+            records = loaded if path.endswith(PACK_SUFFIX) and isinstance(loaded, list) else [loaded]
+            if not all(isinstance(record, dict) and "task" in record for record in records):
                 raise ValueError("not an oden result record")
         except Exception as e:
             if on_bad:
                 on_bad(path, one_line(e))
             continue
-        yield path, record
+        for record in records:
+            yield path, record
 
 
 def remove_temporaries(folder, name):
@@ -1428,6 +1491,7 @@ class Run:
         self.batch_counter = 0
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
         self.done = self.failed = self.duplicates = 0
+        self.cannot_save = None          # why a result file could not be written: the run stops
         self.started = time.monotonic()
 
     def new_batch_id(self):
@@ -1435,42 +1499,71 @@ class Run:
             self.batch_counter += 1
             return self.batch_counter
 
-    def accept(self, host, record):
-        """Record one task's outcome once: write its file and count it; drop duplicates."""
-        index = record["index"]
-        if not self.board.finish(index):
-            with self.lock:
-                self.duplicates += 1
-            log.info("duplicate result for task %d from %s: kept the first", index, host.label)
+    def accept(self, host, records):
+        """Record the outcomes of a batch, each task once: write the files, count
+        them, log errors; a task that is already finished is a dropped duplicate."""
+        fresh = [self._contents(host, record) for record in records if self._claim(host, record["index"])]
+        done = [contents for contents in fresh if "result" in contents]
+        try:
+            if done and self.settings.pack:
+                self._write(host, done[0]["index"], PACK_SUFFIX, done)
+            else:
+                for contents in done:
+                    self._write(host, contents["index"], DONE_SUFFIX, contents)
+            for contents in fresh:
+                if "error" in contents:
+                    self._write(host, contents["index"], ERROR_SUFFIX, contents)
+        except OSError as e:
+            for contents in fresh:
+                self.board.reopen(contents["index"])
+            self.cannot_save = "cannot write a result file in %s (%s): free some disk space or fix the " \
+                               "folder's permissions" % (os.path.abspath(self.settings.folder), e.strerror or e)
+            self.board.stop()
             return
+        if done:
+            log.debug("tasks %s done on %s", [c["index"] for c in done], host.label)
+        for contents in fresh:
+            self._count(host, contents)
+            if "error" in contents:
+                output = contents["output"]
+                log.error("task %d failed on %s: %s\n%s%s", contents["index"], host.label, contents["exception"],
+                          contents["error"].rstrip(),
+                          ("\n--- what it printed ---\n" + output.rstrip()) if output else "")
+
+    def _claim(self, host, index):
+        if self.board.finish(index):
+            return True
+        with self.lock:
+            self.duplicates += 1
+        log.info("duplicate result for task %d from %s: kept the first", index, host.label)
+        return False
+
+    def _contents(self, host, record):
+        """The dict a result file holds (see README.md "Result files")."""
+        index = record["index"]
         contents = {"name": self.settings.name, "index": index, "task": self.tasks[index], "host": host.label,
                     "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
-        ok = record["ok"]
-        if ok:
+        if record["ok"]:
             try:
                 contents["result"] = pickle.loads(record["result"])
+                return contents
             except Exception as e:
-                ok, record = False, error_record(index, "the result could not be unpickled on the manager: %s"
-                                                 % one_line(e), one_line(e))
-        if not ok:
-            contents.update(error=record["error"], exception=record["exception"])
-        path = os.path.join(self.settings.folder,
-                            result_file_name(self.settings.name, host.number, self.stamp, index, ok))
-        write_atomically(path, dumps(contents))
-        self._count(host, ok, record)
-        if ok:
-            log.debug("task %d done on %s", index, host.label)
-        else:
-            output = record.get("output") or ""
-            log.error("task %d failed on %s: %s\n%s%s", index, host.label, record["exception"],
-                      record["error"].rstrip(), ("\n--- what it printed ---\n" + output.rstrip()) if output else "")
+                record = error_record(index, "the result could not be unpickled on the manager: %s" % one_line(e),
+                                      one_line(e))
+        contents.update(error=record["error"], exception=record["exception"])
+        return contents
 
-    def _count(self, host, ok, record):
+    def _write(self, host, index, suffix, contents):
+        name = result_file_name(self.settings.name, host.number, self.stamp, index, suffix)
+        write_atomically(os.path.join(self.settings.folder, name), dumps(contents))
+
+    def _count(self, host, contents):
+        ok = "result" in contents
         with self.lock:
             counts = self.per_host[host.label]
             counts[0 if ok else 1] += 1
-            if record.get("started"):
-                counts[2] += record["ended"] - record["started"]
+            if contents["started"]:
+                counts[2] += contents["ended"] - contents["started"]
             if ok:
                 self.done += 1
             else:
@@ -1624,14 +1717,15 @@ def run_manager(job, settings, resume):
 
 
 def drive(run):
-    """Start the host threads, show progress, stop on completion, Ctrl-C or a dead fleet."""
+    """Start the host threads, show progress, stop on completion, Ctrl-C, a dead fleet
+    or a result file that cannot be written."""
     settings, board = run.settings, run.board
     progress = Progress(run, sys.stderr, settings.quiet)
     interrupted = gave_up = False
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
     futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
     try:
-        while not board.finished:
+        while not board.finished and not board.stopping:
             board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)   # not wait(): one redraw per period
             progress.tick()
             if run.fleet.down_for() > settings.give_up_after:
@@ -1655,6 +1749,9 @@ def drive(run):
     log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed",
              run.done, run.failed, unfinished, run.duplicates, format_seconds(elapsed))
     resume_hint = "run '%s' to finish them" % resume_command(settings.command)
+    if run.cannot_save:
+        log.error("stopped: %s; then %s", run.cannot_save, resume_hint)
+        return 2
     if gave_up:
         log.error("every host has been down for over %d s: stopping with %d tasks left; %s",
                   settings.give_up_after, unfinished, resume_hint)
@@ -1955,6 +2052,8 @@ def build_parser(job):
         p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS, help="connection failures a task survives (default %(default)s)")
         p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS, help="worker deaths a task may witness before it is an error (default %(default)s)")
         p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER, help="stop when every host has been down this many seconds (default %(default)s)")
+        p.add_argument("--pack", action="store_true", help="write the successes of each batch into one "
+                       ".pack.pickle file (a list of records): for very many small tasks")
         p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
         p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection (urllib) for every request")
         p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")

@@ -4,6 +4,7 @@ processes on free loopback ports, and the manager run as a user would run it.
 Every process started here is registered with the test case and reaped in
 cleanup; every wait is bounded.
 """
+import contextlib
 import glob
 import os
 import pickle
@@ -165,7 +166,16 @@ class Project:
         return found
 
     def reap(self):
+        """Stop everything this project started: SIGTERM first (a worker then removes its
+        forkserver's temporary folder), SIGKILL for what is still there after 5 s."""
         for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for process in self.processes:
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGKILL)
