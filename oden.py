@@ -141,6 +141,9 @@ MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before 
 REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, so the next is there when one ends
+PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips per task,
+SHORT_BATCH = 0.01                  #     at the price of a less even end of the run
+WRITER_BACKLOG = 1000               # results waiting for the writer before host threads wait for it
 WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, running, unacked)
 BATCH_SECONDS = 0.05                # automatic chunksize aims at batches this long
 MAX_CHUNK = 2000                    # automatic chunksize never exceeds this many tasks
@@ -401,6 +404,7 @@ def slot_process_main(conn, calc, position):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C on the worker's console is the parent's
     TaskOutput.install()
     try:
+        conn.send("ready")
         while True:
             items = conn.recv()
             records = []
@@ -437,6 +441,7 @@ class ProcessSlot:
         self.closed = False
 
     def start(self):
+        """Start the child; ready() waits until it can take work."""
         with self.lock:
             if self.closed:
                 return
@@ -446,6 +451,12 @@ class ProcessSlot:
                                                 daemon=True)
             self.process.start()
             child.close()
+
+    def ready(self, seconds=60):
+        """Wait for the child's first word, so no batch waits on a process still booting."""
+        with contextlib.suppress(EOFError, OSError, AttributeError):
+            if self.conn.poll(seconds):
+                self.conn.recv()
 
     def stop(self, final=False):
         """Kill the child (it restarts on the next batch), or for good with final=True."""
@@ -464,6 +475,7 @@ class ProcessSlot:
             if self.process is None or not self.process.is_alive():
                 self.stop()
                 self.start()
+                self.ready()
             try:
                 self.position.value = 0
                 self.conn.send(todo)
@@ -513,6 +525,9 @@ class ThreadSlot:
 
     def start(self):
         TaskOutput.install()
+
+    def ready(self):
+        pass
 
     def stop(self, final=False):
         pass
@@ -573,6 +588,8 @@ class WorkerState:
         self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
         for slot in self.slot_objects:
             slot.start()
+        for slot in self.slot_objects:       # in parallel: all were started before the first wait
+            slot.ready()
         for number, slot in enumerate(self.slot_objects, 1):
             threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
 
@@ -1205,9 +1222,9 @@ class HostRunner:
         self.down_reason = None
 
     def fill(self):
-        """Submit batches until the host holds slots + PREFETCH of them."""
+        """Submit batches until the host holds slots + prefetch() of them."""
         batches = []
-        while len(self.in_flight) + len(batches) < self.slots + PREFETCH:
+        while len(self.in_flight) + len(batches) < self.slots + self.prefetch():
             indices = self.run.board.take(self.chunk())
             if not indices and self.run.settings.speculate and not self.in_flight and not batches:
                 straggler = self.run.board.take_straggler()
@@ -1231,6 +1248,10 @@ class HostRunner:
             self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
         self._check_boot(reply["boot"])
 
+    def prefetch(self):
+        short = self.mean_task is not None and self.mean_task * self.chunk() < SHORT_BATCH
+        return PREFETCH_SHORT if short else PREFETCH
+
     def chunk(self):
         """Tasks per batch: the user's chunksize, or enough for BATCH_SECONDS, capped so every slot gets work."""
         if self.run.settings.chunksize:
@@ -1244,13 +1265,15 @@ class HostRunner:
     def poll(self, wait):
         reply = self.client.call("/poll", {"run": self.run.id, "ack": self._take_acks(), "wait": wait},
                                  extra_wait=wait)
+        arrived = []
         for batch_id, records in reply["done"]:
             self.acks.append(batch_id)
-            indices = self.in_flight.pop(batch_id, [])
-            self.run.board.release(indices)
-            for record in records:
-                self._learn(record)
-            self.run.accept(self.host, records)
+            self.run.board.release(self.in_flight.pop(batch_id, []))
+            arrived += records
+        for record in arrived:
+            self._learn(record)
+        if arrived:
+            self.run.accept(self.host, arrived)
         active = set(reply["active"])
         lost = [b for b in self.in_flight if b not in active]
         if lost:
@@ -1319,7 +1342,7 @@ class HostRunner:
 # {name}{host number}_{timestamp}_{task index}.done.pickle   a success: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
-#                                                            of one batch, named by its first task
+#                                                            of one poll reply, named by its first task
 # See README.md "Result files" for the dict.
 
 DONE_SUFFIX = ".done.pickle"
@@ -1492,6 +1515,7 @@ class Run:
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
         self.done = self.failed = self.duplicates = 0
         self.cannot_save = None          # why a result file could not be written: the run stops
+        self.writer = ResultWriter(self)
         self.started = time.monotonic()
 
     def new_batch_id(self):
@@ -1500,9 +1524,17 @@ class Run:
             return self.batch_counter
 
     def accept(self, host, records):
-        """Record the outcomes of a batch, each task once: write the files, count
-        them, log errors; a task that is already finished is a dropped duplicate."""
+        """Claim the outcomes that arrived together, each task once (a task already
+        finished is a dropped duplicate), and save them: with --pack through the
+        writer thread (group commit), else here, in the host's thread."""
         fresh = [self._contents(host, record) for record in records if self._claim(host, record["index"])]
+        if fresh and self.settings.pack:
+            self.writer.put(host, fresh)
+        elif fresh:
+            self.save(host, fresh)
+
+    def save(self, host, fresh):
+        """Write the files of claimed outcomes, count them, log errors."""
         done = [contents for contents in fresh if "result" in contents]
         try:
             if done and self.settings.pack:
@@ -1575,6 +1607,53 @@ class Run:
             getattr(self.job, function_name)(*args)
         except Exception:
             log.exception("%s raised (the run goes on)", function_name)
+
+
+class ResultWriter(threading.Thread):
+    """With --pack, writes result files in the background, so host threads go on
+    talking to their workers during fsyncs, and whatever is waiting for a host when
+    the writer gets to it goes into one file: one fsync for many results (group commit).
+
+    A result is claimed on the board before it gets here; if the manager dies
+    before it is written, resume runs that task again.
+    """
+
+    def __init__(self, owner):
+        super().__init__(name="writer", daemon=True)
+        self.owner = owner
+        self.changed = threading.Condition()
+        self.waiting = collections.OrderedDict()     # host -> [contents], in arrival order
+        self.count = 0                               # results in self.waiting
+        self.closing = False
+
+    def put(self, host, fresh):
+        """Queue results; blocks while WRITER_BACKLOG wait already, so memory stays flat
+        when the disk is slower than the workers."""
+        with self.changed:
+            while self.count >= WRITER_BACKLOG and not self.closing:
+                self.changed.wait()
+            self.waiting.setdefault(host, []).extend(fresh)
+            self.count += len(fresh)
+            self.changed.notify_all()
+
+    def close(self):
+        """Write what is waiting, then end."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.join()
+
+    def run(self):
+        while True:
+            with self.changed:
+                while not self.waiting and not self.closing:
+                    self.changed.wait()
+                if not self.waiting:
+                    return
+                drained, self.waiting, self.count = self.waiting, collections.OrderedDict(), 0
+                self.changed.notify_all()
+            for host, fresh in drained.items():
+                self.owner.save(host, fresh)
 
 
 def pickle_tasks(tasks):
@@ -1722,6 +1801,7 @@ def drive(run):
     settings, board = run.settings, run.board
     progress = Progress(run, sys.stderr, settings.quiet)
     interrupted = gave_up = False
+    run.writer.start()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
     futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
     try:
@@ -1739,6 +1819,7 @@ def drive(run):
     board.stop()
     concurrent.futures.wait(futures)
     pool.shutdown()
+    run.writer.close()
     progress.close()
     for future in futures:
         if future.exception():
@@ -2052,7 +2133,7 @@ def build_parser(job):
         p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS, help="connection failures a task survives (default %(default)s)")
         p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS, help="worker deaths a task may witness before it is an error (default %(default)s)")
         p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER, help="stop when every host has been down this many seconds (default %(default)s)")
-        p.add_argument("--pack", action="store_true", help="write the successes of each batch into one "
+        p.add_argument("--pack", action="store_true", help="write the successes that arrive together into one "
                        ".pack.pickle file (a list of records): for very many small tasks")
         p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
         p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection (urllib) for every request")
