@@ -2189,34 +2189,22 @@ def build_parser(job):
     return parser
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more, not %d" % value)
-    return value
+def argument_type(convert, allowed, kind, bounds):
+    """An argparse type: `convert` the text, then check it is `allowed`; errors say `kind` or `bounds`."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, kind))
+        if not allowed(value):
+            raise argparse.ArgumentTypeError("%s, not %s" % (bounds, text))
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0, not %s" % text)
-    return value
-
-
-def port_number(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    if not 0 <= value < 65536:
-        raise argparse.ArgumentTypeError("port must be 0-65535, not %d" % value)
-    return value
+positive_int = argument_type(int, lambda v: v >= 1, "a whole number", "must be 1 or more")
+positive_float = argument_type(float, lambda v: v > 0, "a number", "must be more than 0")
+port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "port must be 0-65535")
 
 
 def dispatch(job, settings):
