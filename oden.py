@@ -468,7 +468,7 @@ class ProcessSlot:
                 self.conn.close()
                 self.process = None
 
-    def run(self, items, limit, mark_running):
+    def run(self, items, limit, mark_started):
         """Yield one record per (index, task bytes) item, restarting the child after a crash or a timeout."""
         todo = list(items)
         while todo and not self.closed:
@@ -482,19 +482,19 @@ class ProcessSlot:
             except (OSError, AttributeError):      # the child died, or shutdown took it away
                 self.stop()
                 continue
-            records, failed_at, failure = self._collect(todo, limit, mark_running)
+            records, failed_at, failure = self._collect(todo, limit, mark_started)
             for record in records + ([failure] if failure else []):
                 yield record
             todo = todo[len(records):failed_at] + todo[failed_at + 1:] if failure else []
 
-    def _collect(self, todo, limit, mark_running):
+    def _collect(self, todo, limit, mark_started):
         """Wait for the batch's records: (records, position of the failed task, its error record or None)."""
         shown, since = -1, time.monotonic()
         while True:
             position = min(self.position.value, len(todo) - 1)
             if position != shown:
                 shown, since = position, time.monotonic()
-                mark_running(todo[position][0])
+                mark_started()
             try:
                 if self.conn.poll(self.CHECK_EVERY if limit else 1.0):
                     return self.conn.recv(), None, None
@@ -532,9 +532,9 @@ class ThreadSlot:
     def stop(self, final=False):
         pass
 
-    def run(self, items, limit, mark_running):
+    def run(self, items, limit, mark_started):
         for index, task_bytes in items:
-            mark_running(index)
+            mark_started()
             if limit is None:
                 yield run_task(self.calc, index, task_bytes)
                 continue
@@ -554,8 +554,7 @@ class Batch:
     def __init__(self, batch_id, run_id, items, limit):
         self.id, self.run_id, self.items, self.limit = batch_id, run_id, items, limit
         self.records = []
-        self.running = None          # index of the task running now
-        self.since = None            # when that task started
+        self.since = None            # when its current task started (for the status page)
 
 
 class WorkerState:
@@ -609,7 +608,7 @@ class WorkerState:
                 batch = self.queued.popleft()
                 self.running[batch.id] = batch
             try:
-                for record in slot.run(batch.items, batch.limit, lambda index: self._mark(batch, index)):
+                for record in slot.run(batch.items, batch.limit, lambda: self._mark_started(batch)):
                     self._record(batch, record)
             except Exception as e:
                 log.exception("slot failed; the rest of its batch is recorded as errors")
@@ -617,13 +616,13 @@ class WorkerState:
                     self._record(batch, error_record(index, "the worker's slot failed: %s" % one_line(e), one_line(e)))
             with self.lock:
                 del self.running[batch.id]
-                batch.running = None
+                batch.since = None
                 if batch.run_id == self.run_id and not self.stopping:
                     self.finished[batch.id] = batch
                     self.results.notify_all()
 
-    def _mark(self, batch, index):
-        batch.running, batch.since = index, time.time()
+    def _mark_started(self, batch):
+        batch.since = time.time()
 
     def _record(self, batch, record):
         batch.records.append(record)
@@ -1047,11 +1046,15 @@ class TaskBoard:
         self.deaths = collections.Counter()
         self.max_attempts, self.max_deaths = max_attempts, max_deaths
         self.stopping = False
-        self.total_slots = 0
+        self.total_slots = 0                     # slots of the hosts that are up (for the chunk size)
 
     @property
     def finished(self):
         return not self.unfinished
+
+    def add_slots(self, count):
+        with self.changed:
+            self.total_slots += count
 
     def take(self, count):
         """Up to `count` tasks to send now (none once stopping)."""
@@ -1148,10 +1151,9 @@ class TaskBoard:
 class Fleet:
     """Which hosts are up; lets the main thread notice when all have been down too long."""
 
-    def __init__(self, count):
+    def __init__(self):
         self.lock = threading.Lock()
         self.up = set()
-        self.count = count
         self.all_down_since = time.monotonic()
 
     def mark(self, host, is_up):
@@ -1214,8 +1216,7 @@ class HostRunner:
             raise HostError("worker %d runs a different oden.py (code %s, ours %s): copy the project again and "
                             "restart it" % (self.host.number, hello.get("code"), self.run.code))
         self.client.boot, self.slots = hello["boot"], int(hello["slots"])
-        with self.run.board.changed:
-            self.run.board.total_slots += self.slots
+        self.run.board.add_slots(self.slots)
         self.run.fleet.mark(self.host, True)
         self.finished_told = False
         log.info("%s is up: %d slots, Python %s", self.host.label, self.slots, hello.get("python"))
@@ -1324,8 +1325,7 @@ class HostRunner:
     def lost(self, reason):
         """The host failed: requeue its tasks and mark it down until it answers again."""
         if self.client.boot is not None:
-            with self.run.board.changed:
-                self.run.board.total_slots -= self.slots
+            self.run.board.add_slots(-self.slots)
         self.client.boot = None
         self.client.close()
         self._give_back(list(self.in_flight), reason, died=True)
@@ -1509,7 +1509,7 @@ class Run:
         self.code = code_digest()
         self.task_bytes = task_bytes
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
-        self.fleet = Fleet(len(hosts))
+        self.fleet = Fleet()
         self.lock = threading.Lock()
         self.batch_counter = 0
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
