@@ -42,6 +42,19 @@ def open_gate(project):
         pass
 
 
+def freeze(pid):
+    """SIGSTOP `pid` and wait (bounded) until it really is stopped: kill() returns before that."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped():
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    if not os.path.exists("/proc/%d/stat" % pid):      # no /proc: give the signal time to land
+        time.sleep(0.5)
+        return True
+    return wait_for(stopped, 10, 0.01)
+
+
 def wait_for(predicate, seconds=60, interval=0.05):
     """Poll `predicate` until true or `seconds` pass; return its last value."""
     deadline = time.monotonic() + seconds
@@ -189,7 +202,7 @@ class FaultTest(support.OdenTestCase):
         project.write_hosts([worker])
         manager = Manager(project, "manager", *FAST)
         self.assertTrue(wait_for(lambda: count_done(project) >= 2), manager.output())
-        os.kill(manager.process.pid, signal.SIGSTOP)
+        self.assertTrue(freeze(manager.process.pid), "the manager did not stop")
         try:
             before = count_done(project)
             worker.kill()
