@@ -140,9 +140,10 @@ MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; boun
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
 REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
-PREFETCH = 2                        # batches per host beyond its slots, so the next is there when one ends
+PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
 PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips per task,
 SHORT_BATCH = 0.01                  #     at the price of a less even end of the run
+LONG_BATCH = 1.0                    # batches longer than this: one beyond the slots is enough
 WRITER_BACKLOG = 1000               # results waiting for the writer before host threads wait for it
 WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, running, unacked)
 BATCH_SECONDS = 0.05                # automatic chunksize aims at batches this long
@@ -416,7 +417,17 @@ def slot_process_main(conn, calc, position):
         pass                                           # the worker is gone: so are we
 
 
-class ProcessSlot:
+class Slot:
+    """A slot runs one batch at a time: send() hands it over, collect() waits for its records."""
+    batch = None                         # the batch it holds
+
+    def abandon(self):
+        """After an unexpected error: forget the batch it held, and hand it back."""
+        batch, self.batch = self.batch, None
+        return batch
+
+
+class ProcessSlot(Slot):
     """Runs tasks in a child process: CPU-bound calc runs in parallel, a crash
     costs one task, and a task over its time limit can really be stopped.
 
@@ -439,6 +450,7 @@ class ProcessSlot:
         self.process = self.conn = self.position = None
         self.lock = threading.Lock()     # stop() comes from the slot's thread and from shutdown
         self.closed = False
+        self.todo, self.records = [], []     # tasks of the batch not answered yet, and the records so far
 
     def start(self):
         """Start the child; ready() waits until it can take work."""
@@ -468,54 +480,68 @@ class ProcessSlot:
                 self.conn.close()
                 self.process = None
 
-    def run(self, items, limit, mark_started):
-        """Yield one record per (index, task bytes) item, restarting the child after a crash or a timeout."""
-        todo = list(items)
-        while todo and not self.closed:
-            if self.process is None or not self.process.is_alive():
-                self.stop()
-                self.start()
-                self.ready()
-            try:
-                self.position.value = 0
-                self.conn.send(todo)
-            except (OSError, AttributeError):      # the child died, or shutdown took it away
-                self.stop()
-                continue
-            records, failed_at, failure = self._collect(todo, limit, mark_started)
-            for record in records + ([failure] if failure else []):
-                yield record
-            todo = todo[len(records):failed_at] + todo[failed_at + 1:] if failure else []
+    def send(self, batch):
+        """Start running a batch; collect() waits for its records."""
+        self.batch, self.todo, self.records = batch, list(batch.items), []
+        self._send_todo()
 
-    def _collect(self, todo, limit, mark_started):
-        """Wait for the batch's records: (records, position of the failed task, its error record or None)."""
+    def _send_todo(self):
+        if self.process is None or not self.process.is_alive():
+            self.stop()
+            self.start()
+            self.ready()
+        with contextlib.suppress(OSError, AttributeError):     # a dead child is found by collect()
+            self.position.value = 0
+            self.conn.send(self.todo)
+
+    def collect(self, mark_started):
+        """Wait for the batch's records: (batch, records).  A crash or a time-out gives
+        its task an error record, and the batch's other unreported tasks run again."""
         shown, since = -1, time.monotonic()
-        while True:
-            position = min(self.position.value, len(todo) - 1)
+        limit = self.batch.limit
+        while self.todo and not self.closed:          # closed: shutdown, what it held is never reported
+            position = min(self.position.value if self.position is not None else 0, len(self.todo) - 1)
             if position != shown:
                 shown, since = position, time.monotonic()
-                mark_started()
+                mark_started(self.batch)
             try:
                 if self.conn.poll(self.CHECK_EVERY if limit else 1.0):
-                    return self.conn.recv(), None, None
+                    self.records += self.conn.recv()
+                    break
             except (EOFError, OSError, AttributeError):
-                return [], position, self._died(todo[position][0])
+                if not self.closed:
+                    code = self._exit_code()
+                    self._fail(position, "its process died (exit code %s) while running this task" % code,
+                               "WorkerCrash: process died with exit code %s" % code)
+                    shown = -1
+                continue
             if limit and time.monotonic() - since >= limit:
-                self.stop()
-                return [], position, error_record(todo[position][0], "timed out after %s s (its process was killed)"
-                                                  % limit, "TimeoutError: timed out after %s s" % limit)
+                self._fail(position, "timed out after %s s (its process was killed)" % limit,
+                           "TimeoutError: timed out after %s s" % limit)
+                shown = -1
+        batch, self.batch = self.batch, None
+        return batch, self.records
 
-    def _died(self, index):
+    def _exit_code(self):
         process = self.process
         if process is not None:
             process.join(5)
-        code = process.exitcode if process is not None else None
+        return process.exitcode if process is not None else None
+
+    def _fail(self, position, error, exception):
+        """Record the task at `position` as failed and run the rest again in a new child."""
         self.stop()
-        return error_record(index, "its process died (exit code %s) while running this task" % code,
-                            "WorkerCrash: process died with exit code %s" % code)
+        self.records.append(error_record(self.todo[position][0], error, exception))
+        self.todo = self.todo[:position] + self.todo[position + 1:]
+        if self.todo:
+            self._send_todo()
+
+    def abandon(self):
+        self.stop()
+        return super().abandon()
 
 
-class ThreadSlot:
+class ThreadSlot(Slot):
     """Runs tasks in the worker's own process (--threads): for calc that cannot
     run in a child process.  A task over its time limit is recorded as an
     error, but its thread cannot be stopped and runs on until calc returns."""
@@ -532,20 +558,24 @@ class ThreadSlot:
     def stop(self, final=False):
         pass
 
-    def run(self, items, limit, mark_started):
-        for index, task_bytes in items:
-            mark_started()
-            if limit is None:
-                yield run_task(self.calc, index, task_bytes)
-                continue
-            box = []
-            thread = threading.Thread(target=lambda i=index, t=task_bytes: box.append(run_task(self.calc, i, t)),
-                                      daemon=True)
-            thread.start()
-            thread.join(limit)
-            yield box[0] if box else error_record(
-                index, "timed out after %s s (its thread could not be stopped and runs on)" % limit,
-                "TimeoutError: timed out after %s s" % limit)
+    def send(self, batch):
+        self.batch = batch
+
+    def collect(self, mark_started):
+        batch, self.batch = self.batch, None
+        return batch, [self._run(batch, index, task_bytes, mark_started) for index, task_bytes in batch.items]
+
+    def _run(self, batch, index, task_bytes, mark_started):
+        mark_started(batch)
+        if batch.limit is None:
+            return run_task(self.calc, index, task_bytes)
+        box = []
+        thread = threading.Thread(target=lambda: box.append(run_task(self.calc, index, task_bytes)), daemon=True)
+        thread.start()
+        thread.join(batch.limit)
+        return box[0] if box else error_record(
+            index, "timed out after %s s (its thread could not be stopped and runs on)" % batch.limit,
+            "TimeoutError: timed out after %s s" % batch.limit)
 
 
 class Batch:
@@ -581,6 +611,7 @@ class WorkerState:
         self.finished = {}           # batch id -> Batch, until the manager acks it
         self.done = self.failed = 0
         self.slot_objects = []
+        self.idle = 0                # slots waiting for a batch
         self.stopping = False        # set on shutdown: batches cut off then are never reported
 
     def start_slots(self):
@@ -602,24 +633,43 @@ class WorkerState:
 
     def _slot_loop(self, slot):
         while True:
-            with self.lock:
+            if slot.batch is None:
+                self._feed(slot, wait=True)
+            try:
+                batch, records = slot.collect(self._mark_started)
+            except Exception as e:
+                log.exception("slot failed; the tasks it held are recorded as errors")
+                batch = slot.abandon()
+                self._finish(batch, [error_record(index, "the worker's slot failed: %s" % one_line(e), one_line(e))
+                                     for index, _ in batch.items])
+                continue
+            self._feed(slot, wait=False)     # the next batch first: the child starts it while this one is reported
+            self._finish(batch, records)
+
+    def _feed(self, slot, wait):
+        """Give the slot its next batch: waiting for one if `wait`, else only if the queue
+        holds more batches than the idle slots will take."""
+        with self.lock:
+            if wait:
+                self.idle += 1
                 while not self.queued:
                     self.work.wait()
-                batch = self.queued.popleft()
-                self.running[batch.id] = batch
-            try:
-                for record in slot.run(batch.items, batch.limit, lambda: self._mark_started(batch)):
-                    self._record(batch, record)
-            except Exception as e:
-                log.exception("slot failed; the rest of its batch is recorded as errors")
-                for index, _ in batch.items[len(batch.records):]:
-                    self._record(batch, error_record(index, "the worker's slot failed: %s" % one_line(e), one_line(e)))
-            with self.lock:
-                del self.running[batch.id]
-                batch.since = None
-                if batch.run_id == self.run_id and not self.stopping:
-                    self.finished[batch.id] = batch
-                    self.results.notify_all()
+                self.idle -= 1
+            elif len(self.queued) <= self.idle:
+                return
+            batch = self.queued.popleft()
+            self.running[batch.id] = batch
+        slot.send(batch)
+
+    def _finish(self, batch, records):
+        for record in records:
+            self._record(batch, record)
+        with self.lock:
+            del self.running[batch.id]
+            batch.since = None
+            if batch.run_id == self.run_id and not self.stopping:
+                self.finished[batch.id] = batch
+                self.results.notify_all()
 
     def _mark_started(self, batch):
         batch.since = time.time()
@@ -690,8 +740,9 @@ class WorkerState:
         now = time.time()
         with self.lock:
             running = sorted(now - b.since for b in self.running.values() if b.since is not None)
-            state = {"state": "busy" if self.running else "idle", "slots": self.slots,
-                     "slots_busy": len(self.running), "slots_free": self.slots - len(self.running),
+            busy = self.slots - self.idle
+            state = {"state": "busy" if busy else "idle", "slots": self.slots,
+                     "slots_busy": busy, "slots_free": self.idle,
                      "queued_batches": len(self.queued),
                      "running_task_ages": [round(age, 1) for age in running],
                      "done": self.done, "failed": self.failed}
@@ -894,10 +945,7 @@ class Host:
 
     def __init__(self, number, address, port, scheme="http"):
         self.number, self.address, self.port, self.scheme = number, address, port, scheme
-
-    @property
-    def label(self):
-        return "%s:%d" % ("[%s]" % self.address if ":" in self.address else self.address, self.port)
+        self.label = "%s:%d" % ("[%s]" % address if ":" in address else address, port)
 
     @property
     def uri(self):
@@ -1126,9 +1174,10 @@ class TaskBoard:
             return True
 
     def wait(self, seconds):
-        """Wait for any news (or `seconds`)."""
+        """Wait for any news (or `seconds`), unless the run has ended or stopped already."""
         with self.changed:
-            self.changed.wait(seconds)
+            if self.unfinished and not self.stopping:
+                self.changed.wait(seconds)
 
     def sleep(self, seconds):
         """Wait `seconds`, or less if the run ends or stops."""
@@ -1177,6 +1226,7 @@ class HostRunner:
         self.run, self.host = run, host
         self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive)
         self.in_flight = {}              # batch id -> [task indices]
+        self.arrived = []                # records of the last poll, saved once the host has new work
         self.acks = []
         self.slots = 0
         self.mean_task = None            # seconds, running average from the worker's records
@@ -1192,7 +1242,10 @@ class HostRunner:
                 if self.client.boot is None:
                     self.connect()
                     backoff = BACKOFF[0]
-                self.fill()
+                try:
+                    self.fill()
+                finally:
+                    self.save_arrived()  # after fill: the host's slots are busy again while results are written
                 if self.in_flight:
                     self.poll(wait=min(settings.interval_polling, settings.timeout / 2))
                 else:
@@ -1250,8 +1303,15 @@ class HostRunner:
         self._check_boot(reply["boot"])
 
     def prefetch(self):
-        short = self.mean_task is not None and self.mean_task * self.chunk() < SHORT_BATCH
-        return PREFETCH_SHORT if short else PREFETCH
+        """Batches a host holds beyond its slots: one per slot, so a slot that ends finds
+        its next batch there even when all end together; more while batches are very short,
+        one when they are long (at the end of a run a held batch waits while others idle)."""
+        batch = None if self.mean_task is None else self.mean_task * self.chunk()
+        if batch is not None and batch < SHORT_BATCH:
+            return max(self.slots, PREFETCH_SHORT)
+        if batch is not None and batch > LONG_BATCH:
+            return 1
+        return max(self.slots, PREFETCH)
 
     def chunk(self):
         """Tasks per batch: the user's chunksize, or enough for BATCH_SECONDS, capped so every slot gets work."""
@@ -1273,13 +1333,17 @@ class HostRunner:
             arrived += records
         for record in arrived:
             self._learn(record)
-        if arrived:
-            self.run.accept(self.host, arrived)
+        self.arrived += arrived
         active = set(reply["active"])
         lost = [b for b in self.in_flight if b not in active]
         if lost:
             self._give_back(lost, "the worker lost them (did it restart?)")
         self._check_boot(reply["boot"])
+
+    def save_arrived(self):
+        arrived, self.arrived = self.arrived, []
+        if arrived:
+            self.run.accept(self.host, arrived)
 
     def idle(self):
         """Nothing in flight and nothing to take: tell the user once, then wait for news."""
@@ -1298,6 +1362,7 @@ class HostRunner:
         if self.in_flight and self.client.boot is not None:
             with contextlib.suppress(HostError):
                 self.poll(wait=0)
+        self.save_arrived()
         if self.in_flight:
             self._give_back(list(self.in_flight), "the run stopped")
 
@@ -1328,6 +1393,7 @@ class HostRunner:
             self.run.board.add_slots(-self.slots)
         self.client.boot = None
         self.client.close()
+        self.save_arrived()
         self._give_back(list(self.in_flight), reason, died=True)
         self.run.fleet.mark(self.host, False)
         if reason != self.down_reason:
@@ -1751,13 +1817,14 @@ def summary_table(run):
 
 
 def setup_logging(verbose=0, quiet=False, log_path=None):
-    """Console on stderr (warnings only with --quiet, everything with --verbose) and an optional log file."""
+    """Console on stderr and an optional log file, both without DEBUG lines (a line per batch,
+    too dear for 100,000 tasks) unless --verbose; --quiet leaves warnings only on the console."""
     root = logging.getLogger("oden")
     root.handlers[:] = []
-    root.setLevel(logging.DEBUG)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task costs: only with -v
     root.propagate = False
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    console.setLevel(logging.WARNING if quiet else logging.DEBUG)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     if log_path:

@@ -82,7 +82,7 @@ class CoreWorkflowTest(support.OdenTestCase):
         """)
         workers = project.start_workers(3, "--slots", "1")
         project.write_hosts(workers)
-        completed = project.run("manager", *FAST)
+        completed = project.run("manager", "-v", *FAST)
         self.assertRan(completed)
 
         done = project.files("t*.done.pickle")
