@@ -10,7 +10,7 @@ How the parts fit::
 
     manager (your PC)                             worker (each remote machine)
     make_tasks() -> TaskBoard (shared queue)       ThreadingHTTPServer :8080
-      one thread per host (HostRunner):              POST /submit  queue batches
+      one thread per host (HostRunner):              POST /submit  queue batches, then
         keeps slots + prefetch batches in flight ->  POST /poll    long poll: answers
         long-polls for whichever results are ready <-              as soon as a batch ends
       ResultStore: one atomic .pickle per task       slot 1..N: calc(task) in a child
@@ -18,7 +18,7 @@ How the parts fit::
                                                      GET / , /status , /status.json
 
 * TaskBoard   : which tasks wait, which are in flight where, which are finished.
-* HostRunner  : one per host; connects, submits, polls, requeues on failure.
+* HostRunner  : one per host; connects, submits and polls in one request, requeues on failure.
 * WorkerState : the worker's queue of batches, its slots and the finished results.
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
 
@@ -699,7 +699,8 @@ class WorkerState:
             self.finished.pop(batch_id, None)
 
     def submit(self, message):
-        """Queue the batches that fit; the rest come back as busy."""
+        """Queue the batches that fit; the rest come back as busy.  With a `wait`, then
+        answer like poll() too: the manager's one request per round trip."""
         accepted, busy = [], []
         with self.lock:
             self._switch_run(message["run"])
@@ -713,7 +714,10 @@ class WorkerState:
                 else:
                     busy.append(batch_id)
             self.work.notify(len(accepted))
-        return {"accepted": accepted, "busy": busy, "boot": self.boot}
+        reply = {"accepted": accepted, "busy": busy, "boot": self.boot}
+        if "wait" in message:
+            reply.update(self.poll(message))
+        return reply
 
     def _knows(self, batch_id):
         return (batch_id in self.running or batch_id in self.finished
@@ -1242,12 +1246,10 @@ class HostRunner:
                 if self.client.boot is None:
                     self.connect()
                     backoff = BACKOFF[0]
-                try:
-                    self.fill()
-                finally:
-                    self.save_arrived()  # after fill: the host's slots are busy again while results are written
-                if self.in_flight:
-                    self.poll(wait=min(settings.interval_polling, settings.timeout / 2))
+                batches = self.take_batches()
+                self.save_arrived()
+                if batches or self.in_flight:
+                    self.exchange(batches, wait=min(settings.interval_polling, settings.timeout / 2))
                 else:
                     self.idle()
             except HostError as e:
@@ -1275,8 +1277,8 @@ class HostRunner:
         log.info("%s is up: %d slots, Python %s", self.host.label, self.slots, hello.get("python"))
         self.down_reason = None
 
-    def fill(self):
-        """Submit batches until the host holds slots + prefetch() of them."""
+    def take_batches(self):
+        """New batches from the board, so that the host holds slots + prefetch() of them."""
         batches = []
         while len(self.in_flight) + len(batches) < self.slots + self.prefetch():
             indices = self.run.board.take(self.chunk())
@@ -1288,19 +1290,10 @@ class HostRunner:
             if not indices:
                 break
             batches.append((self.run.new_batch_id(), indices))
-        if not batches:
-            return
         for batch_id, indices in batches:
             self.in_flight[batch_id] = indices
             log.debug("%s gets tasks %s", self.host.label, indices)
-        reply = self.client.call("/submit", {
-            "run": self.run.id, "ack": self._take_acks(),
-            "batches": [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
-                        for b, indices in batches]})
-        busy = set(reply["busy"])
-        for batch_id in busy:
-            self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
-        self._check_boot(reply["boot"])
+        return batches
 
     def prefetch(self):
         """Batches a host holds beyond its slots: one per slot, so a slot that ends finds
@@ -1323,9 +1316,15 @@ class HostRunner:
         fair = max(1, len(board.pending) // max(1, 2 * board.total_slots))
         return max(1, min(MAX_CHUNK, int(BATCH_SECONDS / max(self.mean_task, 1e-6)), fair))
 
-    def poll(self, wait):
-        reply = self.client.call("/poll", {"run": self.run.id, "ack": self._take_acks(), "wait": wait},
-                                 extra_wait=wait)
+    def exchange(self, batches, wait):
+        """One request: submit the new batches (if any) and wait up to `wait` s for finished ones."""
+        message = {"run": self.run.id, "ack": self._take_acks(), "wait": wait}
+        if batches:
+            message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
+                                  for b, indices in batches]
+        reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait)
+        for batch_id in reply.get("busy", ()):
+            self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
         arrived = []
         for batch_id, records in reply["done"]:
             self.acks.append(batch_id)
@@ -1361,7 +1360,7 @@ class HostRunner:
         """After a stop, pick up results already waiting, then give back the rest."""
         if self.in_flight and self.client.boot is not None:
             with contextlib.suppress(HostError):
-                self.poll(wait=0)
+                self.exchange([], wait=0)
         self.save_arrived()
         if self.in_flight:
             self._give_back(list(self.in_flight), "the run stopped")
