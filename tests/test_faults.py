@@ -452,6 +452,34 @@ class FaultTest(support.OdenTestCase):
         self.assertTrue(wait_for(lambda: not process_exists(pid), 10), "the hung task's process still runs")
         self.assertIsNone(worker.process.poll())
 
+    def test_crash_and_timeout_in_a_busy_slot_blame_only_their_task(self):
+        """One slot with batches queued behind it: task 3 kills its process and task 7 hangs;
+        only those two are errors, every other task runs exactly once on the same worker."""
+        project = self.project(library_code="""
+            import os, time
+            def make_tasks():
+                return list(range(12))
+            def calc(x):
+                time.sleep(0.05)
+                if x == 3:
+                    os._exit(9)
+                if x == 7:
+                    time.sleep(1000)
+                return x * 10
+        """)
+        worker = project.start_worker("--slots", "1")
+        project.write_hosts([worker])
+        completed = project.run("manager", "--task-timeout", "2", "--chunksize", "1", *FAST)
+        self.assertRan(completed, 1)
+        errors = results(project, ".error.pickle")
+        self.assertEqual(sorted(errors), [3, 7])
+        self.assertIn("exit code 9", errors[3][0]["error"])
+        self.assertRegex(errors[7][0]["error"], r"^timed out after 2(\.0)? s")
+        done = results(project)
+        self.assertEqual(sorted(done), [i for i in range(12) if i not in (3, 7)])
+        self.assertTrue(all(len(copies) == 1 and copies[0]["result"] == i * 10 for i, copies in done.items()))
+        self.assertIsNone(worker.process.poll())
+
     def test_task_timeout_in_threads_mode_is_an_error_too(self):
         project = self.project(library_code="""
             import time
