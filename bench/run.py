@@ -544,7 +544,7 @@ def parse_args(argv):
         args.endpoints, args.scale_tasks, args.flat_tasks, args.repeats = 50, (2000, 10000), (2000, 10000), 2
     else:
         args.rounds, args.trivial_tasks, args.sleep_tasks, args.cpu_tasks = 200, 20000, 400, 40
-        args.endpoints, args.scale_tasks, args.flat_tasks, args.repeats = 200, (10000, 50000), (10000, 30000), 3
+        args.endpoints, args.scale_tasks, args.flat_tasks, args.repeats = 200, (10000, 50000), (10000, 30000), 5
     return args
 
 
