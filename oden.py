@@ -1007,8 +1007,23 @@ class HostClient:
         self.host, self.codec, self.timeout, self.tls, self.keepalive = host, codec, request_timeout, tls, keepalive
         self.boot = None
         self.connection = None
+        self.meanwhile = None
 
-    def call(self, path, message, extra_wait=0):
+    def call(self, path, message, extra_wait=0, meanwhile=None):
+        """Send a message and return the worker's answer.  `meanwhile()` runs exactly once:
+        while the worker works on the request (before it is sent, with keepalive=False)."""
+        self.meanwhile = meanwhile
+        try:
+            return self._call(path, message, extra_wait)
+        finally:
+            self._run_meanwhile()
+
+    def _run_meanwhile(self):
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile:
+            meanwhile()
+
+    def _call(self, path, message, extra_wait):
         for attempt in (1, 2):
             body, headers, ticket = self.codec.seal_request(path, message, self.boot)
             reused = self.keepalive and self.connection is not None
@@ -1036,6 +1051,7 @@ class HostClient:
     def _post(self, path, body, headers, request_timeout):
         headers = dict(headers, **{"Content-Type": "application/octet-stream"})
         if not self.keepalive:
+            self._run_meanwhile()
             request = urllib.request.Request(self.host.uri + path, body, headers)
             try:
                 with urllib.request.urlopen(request, timeout=request_timeout, context=self.tls) as response:
@@ -1051,6 +1067,11 @@ class HostClient:
         if self.connection.sock is not None:
             self.connection.sock.settimeout(request_timeout)
         self.connection.request("POST", path, body, headers)
+        try:
+            self._run_meanwhile()
+        except BaseException:
+            self.close()                 # its answer would be left unread on the connection
+            raise
         response = self.connection.getresponse()
         data = response.read()
         if response.will_close:
@@ -1230,7 +1251,7 @@ class HostRunner:
         self.run, self.host = run, host
         self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive)
         self.in_flight = {}              # batch id -> [task indices]
-        self.arrived = []                # records of the last poll, saved once the host has new work
+        self.arrived = []                # records of the last answer, written during the next request
         self.acks = []
         self.slots = 0
         self.mean_task = None            # seconds, running average from the worker's records
@@ -1247,10 +1268,10 @@ class HostRunner:
                     self.connect()
                     backoff = BACKOFF[0]
                 batches = self.take_batches()
-                self.save_arrived()
                 if batches or self.in_flight:
                     self.exchange(batches, wait=min(settings.interval_polling, settings.timeout / 2))
                 else:
+                    self.save_arrived()
                     self.idle()
             except HostError as e:
                 self.lost(str(e))
@@ -1322,7 +1343,8 @@ class HostRunner:
         if batches:
             message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
                                   for b, indices in batches]
-        reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait)
+        reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait,
+                                 meanwhile=self.save_arrived)   # the last results are written while it works
         for batch_id in reply.get("busy", ()):
             self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
         arrived = []
