@@ -51,6 +51,7 @@ import platform
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import ssl
@@ -61,6 +62,12 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+
+try:                                    # the run lock: flock on POSIX, msvcrt on Windows
+    import fcntl
+except ImportError:
+    fcntl = None
+    import msvcrt
 
 # ------ User write below ------
 hosts = None          # host names, one per line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
@@ -138,6 +145,7 @@ KEY_ENV = "ODEN_KEY"                # overrides the key file
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
 MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
+REQUEST_ENVELOPE = 64 * 2 ** 10     # bytes of a submit beyond its tasks' pickles (ids, acks, framing)
 REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
@@ -161,6 +169,18 @@ log = logging.getLogger("oden")
 
 class OdenError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
+
+
+TERMINATED = 128 + signal.SIGTERM       # the exit code after SIGTERM, as shells report it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM on the manager: handled like Ctrl-C (stop, save, summary), exit 143."""
+    exit_code = TERMINATED
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 # ====================================================================
@@ -397,6 +417,17 @@ def run_task(calc, index, task_bytes):
 def one_line(exception):
     text = str(exception).strip().splitlines()
     return type(exception).__name__ + (": " + text[0] if text else "")
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text):
+    """Text from a peer (a traceback, what calc printed, an error line) made safe to show on a
+    terminal and in a log: control characters (terminal escapes), except newline and tab, and
+    lone surrogates (bytes that were not UTF-8) become visible escapes such as \\x1b."""
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace")
+                                  .decode("ascii"), text)
 
 
 def slot_process_main(conn, calc, position):
@@ -971,7 +1002,13 @@ def parse_hosts(text, source):
         if not match or not 0 < port < 65536:
             raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
                             % (source, number, raw.strip()[:80]))
-        found.append(Host(len(found) + 1, match.group("v6") or match.group("name"), port))
+        host = Host(len(found) + 1, match.group("v6") or match.group("name"), port)
+        twin = next((h for h in found if h.label.lower() == host.label.lower()), None)
+        if twin is not None:             # two threads on one worker would take its work from each other
+            log.warning("%s line %d: %s is listed already (as host %d): using it once",
+                        source, number, host.label, twin.number)
+            continue
+        found.append(host)
     return found
 
 
@@ -996,7 +1033,26 @@ def read_hosts(setting, hosts_file):
 
 
 class HostError(Exception):
-    """A host could not be reached or answered wrongly; the text says why and what to do."""
+    """A request to a host failed; the text says why and what to do.
+
+    `kind` says what the failure means for the tasks the host held, because
+    only a worker's death may count against a task (--max-deaths):
+      GONE       the connection was refused or closed without an answer: the worker
+                 may have died; the next connect() tells (same boot id: it did not);
+      TIMEOUT    no answer within --timeout: a slow link or a busy machine, an attempt;
+      RESTARTED  the worker answers with a new boot id: what it held died with it;
+      REFUSED    a refusal that lasts until the user acts (wrong key, other code, not an
+                 oden worker, an HTTP 4xx): the host gets no work, and when every host
+                 refuses, the run stops at once (exit 2).
+    """
+
+    def __init__(self, reason, kind):
+        super().__init__(reason)
+        self.kind = kind
+
+
+GONE, TIMEOUT, RESTARTED, REFUSED = "gone", "timeout", "restarted", "refused"
+OURS = "ours"                            # a bug in the manager: never the worker's fault
 
 
 class HostClient:
@@ -1024,29 +1080,45 @@ class HostClient:
             meanwhile()
 
     def _call(self, path, message, extra_wait):
+        seconds = self.timeout + extra_wait
         for attempt in (1, 2):
             body, headers, ticket = self.codec.seal_request(path, message, self.boot)
             reused = self.keepalive and self.connection is not None
             try:
-                status, header, reply = self._post(path, body, headers, self.timeout + extra_wait)
+                status, header, reply = self._post(path, body, headers, seconds)
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self.close()
                 if not (reused and attempt == 1):     # else: the worker closed an idle kept-alive connection
-                    raise HostError(explain_network_error(e, self.timeout + extra_wait))
+                    raise HostError(explain_network_error(e, seconds), GONE)
+            except socket.timeout as e:
+                self.close()
+                raise HostError(explain_network_error(e, seconds), TIMEOUT)
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise HostError(explain_network_error(e, self.timeout + extra_wait))
+                raise HostError(explain_network_error(e, seconds), GONE)
         if status != 200:
-            text = reply.decode("utf-8", "replace").strip().splitlines()
-            raise HostError("HTTP %d: %s" % (status, text[0] if text else "no reason given")
-                            + (" (is the worker's oden.key the same as ours?)" if "signature" in str(text) else ""))
+            raise self._refusal(status, reply)
         try:
             return self.codec.open_reply(ticket, status, header, reply)
         except AuthError as e:
-            raise HostError(str(e))
+            raise HostError(str(e), REFUSED)
         except Exception as e:
-            raise HostError("its answer is not an oden message (%s): is that port really an oden worker?" % one_line(e))
+            raise HostError("its answer is not an oden message (%s): is that port really an oden "
+                            "worker?" % one_line(e), REFUSED)
+
+    def _refusal(self, status, reply):
+        """The HostError for a reply other than 200: what the worker said, and what it means."""
+        lines = reply.decode("utf-8", "replace").strip().splitlines()
+        said = "HTTP %d: %s" % (status, printable(lines[0])[:200] if lines else "no reason given")
+        if status == 409:
+            return HostError(said, RESTARTED)
+        if status == 401 and self.codec.key is None:
+            return HostError(said + " (it has a key and we send none: run without --insecure, with "
+                             "the worker's oden.key next to this script)", REFUSED)
+        if status in (401, 403) and "signature" in said:
+            return HostError(said + " (is the worker's oden.key the same as ours?)", REFUSED)
+        return HostError(said, REFUSED if 400 <= status < 500 else GONE)
 
     def _post(self, path, body, headers, request_timeout):
         headers = dict(headers, **{"Content-Type": "application/octet-stream"})
@@ -1090,7 +1162,8 @@ def explain_network_error(error, seconds):
     if isinstance(error, ConnectionRefusedError):
         return "connection refused: is 'python3 oden.py worker' running there, on that port?"
     if isinstance(error, socket.timeout):
-        return "no answer within %g s: the machine may be down, or a firewall drops the port" % seconds
+        return ("no answer within %g s (--timeout): the machine may be down, a firewall may drop "
+                "the port, or the link is too slow for this much data: raise --timeout" % seconds)
     if isinstance(error, ssl.SSLError):
         return "TLS failed (%s): check --cafile and the worker's --certfile" % getattr(error, "reason", error)
     if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
@@ -1169,13 +1242,39 @@ class TaskBoard:
                 if died:
                     self.deaths[index] += 1
                 if self.deaths[index] >= self.max_deaths:
-                    failed.append((index, "worker died %d times while running this task" % self.deaths[index]))
+                    failed.append((index, self._death_toll(index)))
                 elif self.attempts[index] >= self.max_attempts:
                     failed.append((index, "gave up after %d attempts: %s" % (self.attempts[index], reason)))
                 elif self.copies[index] == 0:
                     self.pending.appendleft(index)
             self.changed.notify_all()
         return failed
+
+    def put_back(self, indices):
+        """Tasks taken but not sent after all (they did not fit the request): to the front of
+        the queue, no attempt counted."""
+        with self.changed:
+            for index in reversed(indices):
+                self.copies[index] -= 1
+                if index in self.unfinished and self.copies[index] == 0:
+                    self.pending.appendleft(index)
+            self.changed.notify_all()
+
+    def count_deaths(self, indices):
+        """The worker that held `indices` (given back already) is known dead now: count a
+        death for each; return [(index, why)] for those now past --max-deaths and not running
+        anywhere (one running elsewhere is judged when that copy ends)."""
+        failed = []
+        with self.changed:
+            for index in indices:
+                if index in self.unfinished:
+                    self.deaths[index] += 1
+                    if self.deaths[index] >= self.max_deaths and self.copies[index] == 0:
+                        failed.append((index, self._death_toll(index)))
+        return failed
+
+    def _death_toll(self, index):
+        return "worker died %d times while running this task" % self.deaths[index]
 
     def release(self, indices):
         """A host's copies are answered (finished or not)."""
@@ -1223,29 +1322,57 @@ class TaskBoard:
 
 
 class Fleet:
-    """Which hosts are up; lets the main thread notice when all have been down too long."""
+    """Which hosts are up or refuse us; lets the main thread notice when all have been down
+    too long, or when every host refuses work for a reason only the user can fix."""
 
-    def __init__(self):
+    def __init__(self, hosts):
         self.lock = threading.Lock()
+        self.hosts = hosts
         self.up = set()
+        self.refused = {}                # host number -> why it refuses us
         self.all_down_since = time.monotonic()
 
     def mark(self, host, is_up):
         with self.lock:
             (self.up.add if is_up else self.up.discard)(host.number)
+            if is_up:
+                self.refused.pop(host.number, None)
             if self.up:
                 self.all_down_since = None
             elif self.all_down_since is None:
                 self.all_down_since = time.monotonic()
 
+    def refuse(self, host, reason):
+        self.mark(host, False)
+        with self.lock:
+            self.refused[host.number] = reason
+
     def down_for(self):
         with self.lock:
             return 0 if self.all_down_since is None else time.monotonic() - self.all_down_since
 
+    def every_host_refuses(self):
+        """{reason: [host labels]} when every host refuses us, else None."""
+        with self.lock:
+            if len(self.refused) < len(self.hosts):
+                return None
+            causes = collections.OrderedDict()
+            for host in self.hosts:
+                causes.setdefault(self.refused[host.number], []).append(host.label)
+            return causes
+
 
 class HostRunner:
     """Feeds one host for the whole run: connect, keep its slots busy, poll,
-    and give tasks back to the board when the host fails."""
+    and give tasks back to the board when the host fails.
+
+    Only a worker's death counts against the tasks it held (--max-deaths): when
+    the line to a host breaks (GONE) it is asked at once whether it lives
+    (verdict()): if so, with the same boot id, it keeps its tasks; if it is dead,
+    they go back to the queue with a death each.  When nobody can tell (no
+    answer, TIMEOUT) they go back as an attempt and stay `suspects` until the
+    next connect() tells whether the worker died or lived.
+    """
 
     def __init__(self, run, host):
         self.run, self.host = run, host
@@ -1254,6 +1381,9 @@ class HostRunner:
         self.arrived = []                # records of the last answer, written during the next request
         self.acks = []
         self.slots = 0
+        self.max_body = MAX_BODY         # the worker's --max-body, from its hello
+        self.last_boot = None            # boot id of the worker we last talked to
+        self.suspects = []               # tasks it held when the line broke: dead or not, connect() tells
         self.mean_task = None            # seconds, running average from the worker's records
         self.finished_told = False
         self.down_reason = None
@@ -1274,12 +1404,18 @@ class HostRunner:
                     self.save_arrived()
                     self.idle()
             except HostError as e:
-                self.lost(str(e))
+                died = self.verdict() if e.kind == GONE and self.in_flight else None
+                if died is False:
+                    log.info("%s: the line broke (%s); the worker lives and keeps its tasks",
+                             self.host.label, e)
+                    continue
+                self.lost(e, died)
                 board.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF[1])
             except Exception:
-                log.exception("%s: unexpected error; its tasks go back to the queue", self.host.label)
-                self.lost("unexpected error in the manager")
+                log.exception("%s: unexpected error in the manager (a bug: please report it with "
+                              "this traceback); its tasks go back to the queue", self.host.label)
+                self.lost(HostError("unexpected error in the manager", OURS), died=False)
                 board.sleep(backoff)
         self.collect_last()
         if board.finished and self.client.boot is not None:
@@ -1287,20 +1423,30 @@ class HostRunner:
         self.client.close()
 
     def connect(self):
-        hello = self.client.call("/hello", {})
+        try:
+            hello = self.client.call("/hello", {})
+        except HostError as e:
+            if e.kind == GONE:
+                self._judge_suspects(died=True)          # it stopped answering while it held them
+            raise
         if hello.get("code") != self.run.code:
-            raise HostError("worker %d runs a different oden.py (code %s, ours %s): copy the project again and "
-                            "restart it" % (self.host.number, hello.get("code"), self.run.code))
-        self.client.boot, self.slots = hello["boot"], int(hello["slots"])
+            raise HostError("worker %d runs a different oden.py (code %s, ours %s): copy the project "
+                            "again and restart it" % (self.host.number, printable(str(hello.get("code"))),
+                                                      self.run.code), REFUSED)
+        self._judge_suspects(died=hello["boot"] != self.last_boot)
+        self.client.boot = self.last_boot = hello["boot"]
+        self.slots, self.max_body = int(hello["slots"]), int(hello.get("max_body", MAX_BODY))
         self.run.board.add_slots(self.slots)
         self.run.fleet.mark(self.host, True)
         self.finished_told = False
-        log.info("%s is up: %d slots, Python %s", self.host.label, self.slots, hello.get("python"))
+        log.info("%s is up: %d slots, Python %s", self.host.label, self.slots,
+                 printable(str(hello.get("python"))))
         self.down_reason = None
 
     def take_batches(self):
-        """New batches from the board, so that the host holds slots + prefetch() of them."""
-        batches = []
+        """New batches from the board, so that the host holds slots + prefetch() of them,
+        in one request no larger than the worker's --max-body."""
+        batches, room = [], self.max_body - REQUEST_ENVELOPE
         while len(self.in_flight) + len(batches) < self.slots + self.prefetch():
             indices = self.run.board.take(self.chunk())
             if not indices and self.run.settings.speculate and not self.in_flight and not batches:
@@ -1310,11 +1456,37 @@ class HostRunner:
                     log.info("%s runs a backup copy of straggler task %d", self.host.label, straggler)
             if not indices:
                 break
-            batches.append((self.run.new_batch_id(), indices))
+            indices, room = self._fit(indices, room)
+            if indices:
+                batches.append((self.run.new_batch_id(), indices))
+            if room <= 0:
+                break
         for batch_id, indices in batches:
             self.in_flight[batch_id] = indices
             log.debug("%s gets tasks %s", self.host.label, indices)
         return batches
+
+    def _fit(self, indices, room):
+        """The leading tasks of `indices` whose pickles fit in `room` bytes, and the room left
+        (0 once one did not fit: it goes back to the queue for the next request).  A task
+        larger than the worker's whole limit can never go there: it is that task's error."""
+        kept = []
+        for position, index in enumerate(indices):
+            size = len(self.run.task_bytes[index])
+            if size > self.max_body - REQUEST_ENVELOPE:
+                self.run.board.release([index])
+                self.run.accept(self.host, [error_record(
+                    index, "task %d is %d bytes pickled, over the --max-body of %d bytes of worker %d"
+                    % (index, size, self.max_body, self.host.number),
+                    "TaskTooLarge: %d bytes, over the worker's --max-body of %d: start the worker "
+                    "with a larger --max-body" % (size, self.max_body))])
+            elif size <= room:
+                kept.append(index)
+                room -= size
+            else:
+                self.run.board.put_back(indices[position:])
+                return kept, 0
+        return kept, room
 
     def prefetch(self):
         """Batches a host holds beyond its slots: one per slot, so a slot that ends finds
@@ -1337,16 +1509,19 @@ class HostRunner:
         fair = max(1, len(board.pending) // max(1, 2 * board.total_slots))
         return max(1, min(MAX_CHUNK, int(BATCH_SECONDS / max(self.mean_task, 1e-6)), fair))
 
-    def exchange(self, batches, wait):
-        """One request: submit the new batches (if any) and wait up to `wait` s for finished ones."""
+    def exchange(self, batches, wait, bye=False):
+        """One request: submit the new batches (if any) and wait up to `wait` s for finished
+        ones; with `bye`, the worker then forgets this run and stops what it still runs of it."""
         message = {"run": self.run.id, "ack": self._take_acks(), "wait": wait}
+        if bye:
+            message["bye"] = True
         if batches:
             message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
                                   for b, indices in batches]
         reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait,
                                  meanwhile=self.save_arrived)   # the last results are written while it works
         for batch_id in reply.get("busy", ()):
-            self.run.board.give_back(self.in_flight.pop(batch_id), "worker busy")
+            self.run.board.put_back(self.in_flight.pop(batch_id))
         arrived = []
         for batch_id, records in reply["done"]:
             self.acks.append(batch_id)
@@ -1357,7 +1532,7 @@ class HostRunner:
         self.arrived += arrived
         active = set(reply["active"])
         lost = [b for b in self.in_flight if b not in active]
-        if lost:
+        if lost and not bye:
             self._give_back(lost, "the worker lost them (did it restart?)")
         self._check_boot(reply["boot"])
 
@@ -1379,10 +1554,11 @@ class HostRunner:
             self.run.call_user("handle_finish_machine", self.host.uri, self.run.settings.name)
 
     def collect_last(self):
-        """After a stop, pick up results already waiting, then give back the rest."""
-        if self.in_flight and self.client.boot is not None:
+        """At the run's end or stop: pick up results already waiting and say goodbye (the
+        worker stops what it still runs for us), then give back the rest."""
+        if self.client.boot is not None:
             with contextlib.suppress(HostError):
-                self.exchange([], wait=0)
+                self.exchange([], wait=0, bye=True)
         self.save_arrived()
         if self.in_flight:
             self._give_back(list(self.in_flight), "the run stopped")
@@ -1399,26 +1575,56 @@ class HostRunner:
 
     def _check_boot(self, boot):
         if boot != self.client.boot:
-            raise HostError("the worker restarted")
+            raise HostError("the worker restarted", RESTARTED)
 
     def _give_back(self, batch_ids, reason, died=False):
         indices = [i for b in batch_ids for i in self.in_flight.pop(b)]
-        for index, why in self.run.board.give_back(indices, reason, died):
-            self.run.accept(self.host, [error_record(index, why, "TaskLost: " + why)])
+        self._fail_tasks(self.run.board.give_back(indices, reason, died))
         if indices:
             log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(indices), reason)
+        return indices
 
-    def lost(self, reason):
-        """The host failed: requeue its tasks and mark it down until it answers again."""
+    def verdict(self):
+        """Right after the line broke while the worker held tasks: did it die?  True: it
+        refuses connections or answers with a new boot id; False: it lives with the same boot
+        (its tasks are still there); None: no answer, nobody knows yet (see `suspects`)."""
+        try:
+            hello = self.client.call("/hello", {})
+        except HostError as e:
+            return True if e.kind == GONE else None
+        return hello.get("boot") != self.client.boot
+
+    def _judge_suspects(self, died):
+        """The verdict on the tasks the worker held when the line broke."""
+        suspects, self.suspects = self.suspects, []
+        if died and suspects:
+            log.info("%s: the worker died with %d tasks", self.host.label, len(suspects))
+            self._fail_tasks(self.run.board.count_deaths(suspects))
+
+    def _fail_tasks(self, failed):
+        for index, why in failed:
+            self.run.accept(self.host, [error_record(index, why, "TaskLost: " + why)])
+
+    def lost(self, error, died):
+        """A request failed: requeue the host's tasks and mark it down (or refusing) until it
+        answers again.  `died`: the verdict() on the worker, if any; without one, a broken
+        line waits for the next connect() to tell (see the class docstring)."""
         if self.client.boot is not None:
             self.run.board.add_slots(-self.slots)
         self.client.boot = None
         self.client.close()
         self.save_arrived()
-        self._give_back(list(self.in_flight), reason, died=True)
-        self.run.fleet.mark(self.host, False)
+        reason = str(error)
+        indices = self._give_back(list(self.in_flight), reason, died=error.kind == RESTARTED or died)
+        if died is None and error.kind in (GONE, TIMEOUT):
+            self.suspects += indices
+        if error.kind == REFUSED:
+            self.run.fleet.refuse(self.host, reason)
+        else:
+            self.run.fleet.mark(self.host, False)
         if reason != self.down_reason:
-            log.warning("%s is down: %s (retrying in the background)", self.host.label, reason)
+            log.warning("%s is %s: %s (retrying in the background)", self.host.label,
+                        "refusing work" if error.kind == REFUSED else "down", reason)
             self.down_reason = reason
 
 
@@ -1430,12 +1636,18 @@ class HostRunner:
 # {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
 #                                                            of one poll reply, named by its first task
+# {name}_{timestamp}.log                                     the manager's log of that run
+# .{name}.lock                                               held by the manager running `name`
+# The timestamp is YYYYmmdd-HHMMSS, the run's start, with "-2", "-3"... when an earlier run
+# of that name started in the same second.  A name may be a prefix of another ("sim" and
+# "sim2": "sim21_..." is either), so a run's files are told by the name in their records.
 # See README.md "Result files" for the dict.
 
 DONE_SUFFIX = ".done.pickle"
 ERROR_SUFFIX = ".error.pickle"
 PACK_SUFFIX = ".pack.pickle"
 TEMP_MARK = ".tmp"
+STAMP = r"\d{8}-\d{6}(?:-\d+)?"
 
 
 def result_file_name(name, host_number, stamp, index, suffix):
@@ -1450,18 +1662,29 @@ def workers_log_name(name, stamp):
     return "%s_%s.workers.log" % (name, stamp)
 
 
+def lock_file_name(name):
+    return ".%s.lock" % name
+
+
 def timestamp():
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def unused_stamp(folder, name):
-    """A timestamp no file of run `name` in `folder` carries yet: a run started in
-    the same second as the previous one must not overwrite its result files."""
-    stamp = timestamp()
-    while glob.glob(os.path.join(glob.escape(folder), "%s*_%s*" % (glob.escape(name), stamp))):
-        time.sleep(0.1)
-        stamp = timestamp()
-    return stamp
+def claim_stamp(folder, name):
+    """A stamp no earlier run of `name` in `folder` used, claimed at once by creating the run's
+    log file: a run started in the same second as the previous one gets "-2" and so on,
+    instead of waiting for the next second or overwriting its files."""
+    base = timestamp()
+    for number in range(1, 10000):
+        stamp = base if number == 1 else "%s-%d" % (base, number)
+        if glob.glob(os.path.join(glob.escape(folder), "%s*_%s_*" % (glob.escape(name), stamp))):
+            continue                     # result files of a run whose log is gone
+        try:
+            with open(os.path.join(folder, log_file_name(name, stamp)), "x"):
+                return stamp
+        except FileExistsError:
+            continue
+    raise OdenError("no free stamp for run %r in %s: clean up its log files" % (name, folder))
 
 
 def write_atomically(path, data):
@@ -1479,12 +1702,18 @@ def write_atomically(path, data):
         raise
 
 
+def name_pattern(name, suffix):
+    """The file names of run `name` with `suffix`; a longer name ending in digits matches too."""
+    return re.compile(re.escape(name) + r"(\d+)_" + STAMP + r"_\d+" + re.escape(suffix) + "$")
+
+
 def result_paths(folder, name, errors=False):
-    """Result files of run `name` (not of a longer name that starts with it), oldest first:
-    the successes (single and packed), or with errors=True the errors."""
+    """Files that may hold results of run `name`, oldest first: the successes (single and
+    packed), or with errors=True the errors.  Some may be of a longer name ("sim2" for
+    "sim"): run_records() reads the name in each record and keeps only this run's."""
     found = []
     for suffix in (ERROR_SUFFIX,) if errors else (DONE_SUFFIX, PACK_SUFFIX):
-        pattern = re.compile(re.escape(name) + r"\d+_\d{8}-\d{6}_\d+" + re.escape(suffix) + "$")
+        pattern = name_pattern(name, suffix)
         found += [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
                   if pattern.match(os.path.basename(p))]
     return sorted(found, key=os.path.getmtime)
@@ -1508,11 +1737,89 @@ def read_records(paths, on_bad=None):
             yield path, record
 
 
+def run_records(folder, name, errors=False, on_bad=None):
+    """Yield (path, record) for the records of run `name` only (see result_paths)."""
+    for path, record in read_records(result_paths(folder, name, errors), on_bad):
+        if record.get("name") == name:
+            yield path, record
+
+
 def remove_temporaries(folder, name):
-    stale = glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*.pickle" + TEMP_MARK + "*"))
+    """Remove the temporary files that a killed manager of run `name` left: not those a running
+    manager of a longer name ("sim2" for "sim") may be writing now."""
+    stale = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + TEMP_MARK + "*")):
+        base = os.path.basename(path).split(TEMP_MARK)[0]
+        match = next(filter(None, (name_pattern(name, suffix).match(base)
+                                   for suffix in (DONE_SUFFIX, ERROR_SUFFIX, PACK_SUFFIX))), None)
+        if match is None:
+            continue
+        digits = match.group(1)
+        longer = [name + digits[:end] for end in range(1, len(digits))]
+        if not any(RunLock(folder, other).held_elsewhere() for other in longer):
+            stale.append(path)
     for path in stale:
         os.remove(path)
     return len(stale)
+
+
+class RunLock:
+    """One manager at a time per run name and folder: two would write the same run's files and
+    race on resume.  The lock is the operating system's (flock; msvcrt on Windows) on the file
+    `.{name}.lock`, so it ends with its process, even one killed with SIGKILL; the file names
+    the holder for the message."""
+
+    def __init__(self, folder, name):
+        self.folder, self.name = folder, name
+        self.path = os.path.join(folder, lock_file_name(name))
+        self.file = None
+
+    def acquire(self):
+        """Take the lock, or raise OdenError naming the manager that holds it."""
+        self.file = open(self.path, "a+")
+        if not self._try():
+            self.file.seek(0)
+            holder = self.file.read(200).strip() or "another process"
+            self.release()
+            raise OdenError("a manager of run %r is running in %s already (%s): wait for it to end, "
+                            "use another --name or --folder, or pass --concurrent to run both"
+                            % (self.name, os.path.abspath(self.folder), printable(holder)))
+        self.file.truncate(0)
+        self.file.write("pid %d on %s since %s" % (os.getpid(), platform.node(), time.strftime("%X")))
+        self.file.flush()
+
+    def held_elsewhere(self):
+        """True while another process holds the lock of this name."""
+        if not os.path.exists(self.path):
+            return False
+        self.file = open(self.path, "a+")
+        try:
+            return not self._try()
+        finally:
+            self.release()
+
+    def _try(self):
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                self.file.seek(0)
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()            # closing the file releases the lock
+            self.file = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 class ContentIndex:
@@ -1565,7 +1872,7 @@ def safe_equal(a, b):
 
 def tasks_to_run(tasks, folder, name, on_bad=None):
     """Indices of `tasks` without a saved success of run `name` (matched as a multiset)."""
-    done = ContentIndex(record["task"] for _, record in read_records(result_paths(folder, name), on_bad))
+    done = ContentIndex(record["task"] for _, record in run_records(folder, name, on_bad=on_bad))
     return [index for index, task in enumerate(tasks) if not done.take(task)]
 
 
@@ -1574,10 +1881,10 @@ def load_results(name=None, folder=".", errors=False):
     also (task, record) for every error, where record["error"] is the traceback."""
     name = name or globals()["name"]
     on_bad = lambda path, why: log.warning("skipped unreadable result file %s (%s)", path, why)
-    for _, record in read_records(result_paths(folder, name), on_bad):
+    for _, record in run_records(folder, name, on_bad=on_bad):
         yield record["task"], record["result"]
     if errors:
-        for _, record in read_records(result_paths(folder, name, errors=True), on_bad):
+        for _, record in run_records(folder, name, errors=True, on_bad=on_bad):
             yield record["task"], record
 
 
@@ -1588,15 +1895,16 @@ def load_results(name=None, folder=".", errors=False):
 class Run:
     """Everything one manager run shares between its host threads."""
 
-    def __init__(self, job, settings, tasks, task_bytes, indices, hosts, key, tls):
+    def __init__(self, job, settings, tasks, task_bytes, indices, hosts, key, tls, stamp, resume_hint):
         self.job, self.settings, self.tasks, self.hosts, self.tls = job, settings, tasks, hosts, tls
         self.id = secrets.token_hex(6)
-        self.stamp = unused_stamp(settings.folder, settings.name)
+        self.stamp = stamp               # from claim_stamp(): in every file name of this run
+        self.resume_hint = resume_hint   # the shell command that finishes this run
         self.key = key                   # each HostClient signs with a Codec (a session) of its own
         self.code = code_digest()
         self.task_bytes = task_bytes
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
-        self.fleet = Fleet()
+        self.fleet = Fleet(hosts)
         self.lock = threading.Lock()
         self.batch_counter = 0
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
@@ -1621,17 +1929,11 @@ class Run:
             self.save(host, fresh)
 
     def save(self, host, fresh):
-        """Write the files of claimed outcomes, count them, log errors."""
-        done = [contents for contents in fresh if "result" in contents]
+        """Write the files of claimed outcomes, count them, log errors.  An outcome that cannot
+        be turned into a file becomes that task's error record; a file that cannot be written
+        (disk full, permissions) stops the run and its tasks stay unfinished for resume."""
         try:
-            if done and self.settings.pack:
-                self._write(host, done[0]["index"], PACK_SUFFIX, done)
-            else:
-                for contents in done:
-                    self._write(host, contents["index"], DONE_SUFFIX, contents)
-            for contents in fresh:
-                if "error" in contents:
-                    self._write(host, contents["index"], ERROR_SUFFIX, contents)
+            written = self._write_all(host, fresh)
         except OSError as e:
             for contents in fresh:
                 self.board.reopen(contents["index"])
@@ -1639,15 +1941,45 @@ class Run:
                                "folder's permissions" % (os.path.abspath(self.settings.folder), e.strerror or e)
             self.board.stop()
             return
+        done = [contents for contents in written if "result" in contents]
         if done:
             log.debug("tasks %s done on %s", [c["index"] for c in done], host.label)
-        for contents in fresh:
+        for contents in written:
             self._count(host, contents)
             if "error" in contents:
                 output = contents["output"]
-                log.error("task %d failed on %s: %s\n%s%s", contents["index"], host.label, contents["exception"],
-                          contents["error"].rstrip(),
-                          ("\n--- what it printed ---\n" + output.rstrip()) if output else "")
+                log.error("task %d failed on %s: %s\n%s%s", contents["index"], host.label,
+                          printable(contents["exception"]), printable(contents["error"].rstrip()),
+                          ("\n--- what it printed ---\n" + printable(output.rstrip())) if output else "")
+
+    def _write_all(self, host, fresh):
+        """Write `fresh` (a pack of the successes with --pack) and return what the files hold."""
+        done = [contents for contents in fresh if "result" in contents]
+        packed = None
+        if self.settings.pack and done:
+            with contextlib.suppress(Exception):      # a result that cannot be pickled: one by one
+                packed = dumps(done)
+        if packed is None:
+            return [self._write_one(host, contents) for contents in fresh]
+        self._write(host, done[0]["index"], PACK_SUFFIX, packed)
+        return done + [self._write_one(host, contents) for contents in fresh if "result" not in contents]
+
+    def _write_one(self, host, contents):
+        try:
+            data = dumps(contents)
+        except Exception as e:
+            contents = self._as_error(contents, "the result arrived but cannot be saved", e)
+            data = dumps(contents)
+        self._write(host, contents["index"], DONE_SUFFIX if "result" in contents else ERROR_SUFFIX, data)
+        return contents
+
+    @staticmethod
+    def _as_error(contents, what, exception):
+        """The error record of a task whose outcome could not be used: `what`, and why."""
+        contents = {k: v for k, v in contents.items() if k != "result"}
+        contents.update(error="%s on the manager:\n%s" % (what, traceback.format_exc()),
+                        exception="%s: %s" % (what, one_line(exception)))
+        return contents
 
     def _claim(self, host, index):
         if self.board.finish(index):
@@ -1662,19 +1994,18 @@ class Run:
         index = record["index"]
         contents = {"name": self.settings.name, "index": index, "task": self.tasks[index], "host": host.label,
                     "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
-        if record["ok"]:
-            try:
-                contents["result"] = pickle.loads(record["result"])
-                return contents
-            except Exception as e:
-                record = error_record(index, "the result could not be unpickled on the manager: %s" % one_line(e),
-                                      one_line(e))
-        contents.update(error=record["error"], exception=record["exception"])
+        if not record["ok"]:
+            contents.update(error=record["error"], exception=record["exception"])
+            return contents
+        try:
+            contents["result"] = pickle.loads(record["result"])
+        except Exception as e:
+            contents = self._as_error(contents, "the result cannot be unpickled", e)
         return contents
 
-    def _write(self, host, index, suffix, contents):
+    def _write(self, host, index, suffix, data):
         name = result_file_name(self.settings.name, host.number, self.stamp, index, suffix)
-        write_atomically(os.path.join(self.settings.folder, name), dumps(contents))
+        write_atomically(os.path.join(self.settings.folder, name), data)
 
     def _count(self, host, contents):
         ok = "result" in contents
@@ -1740,7 +2071,10 @@ class ResultWriter(threading.Thread):
                 drained, self.waiting, self.count = self.waiting, collections.OrderedDict(), 0
                 self.changed.notify_all()
             for host, fresh in drained.items():
-                self.owner.save(host, fresh)
+                try:
+                    self.owner.save(host, fresh)
+                except Exception:            # a bug: its tasks stay unfinished, the run says so
+                    log.exception("the result writer failed on %d results", len(fresh))
 
 
 def pickle_tasks(tasks):
@@ -1837,30 +2171,60 @@ def summary_table(run):
                                enumerate(zip(row, widths))) for row in rows)
 
 
+FILE_ONLY = {"file_only": True}         # extra= of a log record for the log file, not the console
+
+
+class EscapingFormatter(logging.Formatter):
+    """Formats a record as text its stream can always take: what the stream's encoding cannot
+    hold (e.g. bytes of a task's output that were not UTF-8) becomes a backslash escape, so
+    no record is ever dropped by an encoding error."""
+
+    def __init__(self, fmt, datefmt, encoding):
+        super().__init__(fmt, datefmt)
+        self.encoding = encoding or "utf-8"
+
+    def format(self, record):
+        text = super().format(record)
+        return text.encode(self.encoding, "backslashreplace").decode(self.encoding, "replace")
+
+
 def setup_logging(verbose=0, quiet=False, log_path=None):
     """Console on stderr and an optional log file, both without DEBUG lines (a line per batch,
-    too dear for 100,000 tasks) unless --verbose; --quiet leaves warnings only on the console."""
+    too dear for 100,000 tasks) unless --verbose; --quiet leaves warnings only on the console.
+    Records with extra=FILE_ONLY (a user's traceback behind a one-line error) skip the console."""
     root = logging.getLogger("oden")
+    for handler in root.handlers:
+        handler.close()
     root.handlers[:] = []
     root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task costs: only with -v
     root.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.DEBUG)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S",
+                                           getattr(sys.stderr, "encoding", None)))
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_path:
         handler = logging.FileHandler(log_path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", None, "utf-8"))
         root.addHandler(handler)
 
 
-def run_manager(job, settings, resume):
-    """A whole manager (or resume) run; returns the exit code."""
-    tasks = list(job.make_tasks())
+def run_manager(job, settings, resume, argv, stamp=None):
+    """A whole manager (or resume) run; returns the exit code.  `argv` is the command line
+    (for the resume hint); `stamp` is given by `local`, which asked confirm_new_run() and
+    claimed the stamp before it started its workers."""
+    folder, name, hosts = settings.folder, settings.name, settings.host_list
+    hint = resume_command(argv)
+    if stamp is None:
+        if not resume:
+            confirm_new_run(folder, name, settings.yes, hint)
+        stamp = claim_stamp(folder, name)
+    log_path = os.path.join(folder, log_file_name(name, stamp))
+    setup_logging(settings.verbose, settings.quiet, log_path)
+    tasks = user_tasks(job, log_path)
     task_bytes = pickle_tasks(tasks)
-    hosts = settings.host_list
     key = None if settings.insecure else load_or_create_key(settings.key_file)
-    folder, name = settings.folder, settings.name
     if resume:
         removed = remove_temporaries(folder, name)
         if removed:
@@ -1870,25 +2234,37 @@ def run_manager(job, settings, resume):
         log.info("resume: %d of %d tasks have a saved success; %d to run", len(tasks) - len(indices),
                  len(tasks), len(indices))
     else:
-        confirm_new_run(folder, name, settings.yes)
         indices = list(range(len(tasks)))
     tls = client_tls(settings.cafile)
-    run = Run(job, settings, tasks, task_bytes, indices, hosts, key, tls)
     if tls:
         for host in hosts:
             host.scheme = "https"
-    log_path = os.path.join(folder, log_file_name(name, run.stamp))
-    setup_logging(settings.verbose, settings.quiet, log_path)
+    run = Run(job, settings, tasks, task_bytes, indices, hosts, key, tls, stamp, hint)
     log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
     return drive(run)
 
 
+def user_tasks(job, log_path=None):
+    """make_tasks() as a list.  When it raises: OdenError naming it, its traceback in the log
+    file (or, with no log file, on stderr: the user's traceback, not oden's)."""
+    try:
+        return list(job.make_tasks())
+    except Exception as e:
+        if log_path:
+            log.error("make_tasks() raised:\n%s", traceback.format_exc(), extra=FILE_ONLY)
+        else:
+            traceback.print_exc()
+        raise OdenError("make_tasks() raised %s: fix make_tasks%s"
+                        % (printable(one_line(e)), " (its traceback is in %s)" % log_path if log_path else ""))
+
+
 def drive(run):
-    """Start the host threads, show progress, stop on completion, Ctrl-C, a dead fleet
-    or a result file that cannot be written."""
+    """Start the host threads, show progress, stop on completion, Ctrl-C or SIGTERM, a dead
+    fleet, a fleet that refuses us, or a result file that cannot be written."""
     settings, board = run.settings, run.board
     progress = Progress(run, sys.stderr, settings.quiet)
-    interrupted = gave_up = False
+    interrupted = gave_up = None
+    refusals = None
     run.writer.start()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
     futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
@@ -1896,14 +2272,17 @@ def drive(run):
         while not board.finished and not board.stopping:
             board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)   # not wait(): one redraw per period
             progress.tick()
-            if run.fleet.down_for() > settings.give_up_after:
-                gave_up = True
+            refusals = run.fleet.every_host_refuses()
+            gave_up = run.fleet.down_for() > settings.give_up_after
+            if refusals or gave_up or all(future.done() for future in futures):
                 break
-    except KeyboardInterrupt:
-        interrupted = True
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))   # a second Ctrl-C leaves at once
+    except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM as Terminated
+        interrupted = getattr(e, "exit_code", 130)
+        signal.signal(signal.SIGINT, lambda *_: os._exit(interrupted))    # a second one leaves at once
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(interrupted))
         progress.close()
-        log.warning("interrupted: stopping; results that have arrived are saved (Ctrl-C again to quit now)")
+        log.warning("%s: stopping; results that have arrived are saved (Ctrl-C again to quit now)",
+                    "terminated" if interrupted == TERMINATED else "interrupted")
     board.stop()
     concurrent.futures.wait(futures)
     pool.shutdown()
@@ -1912,33 +2291,58 @@ def drive(run):
     for future in futures:
         if future.exception():
             log.error("a host thread failed: %s", one_line(future.exception()))
-    finished, _, unfinished = board.counts()
-    elapsed = time.monotonic() - run.started
+    return conclude(run, interrupted, gave_up, refusals)
+
+
+def conclude(run, interrupted, gave_up, refusals):
+    """The summary, the last word and the exit code.  Never 0 while a task has no file."""
+    settings = run.settings
+    _, _, unfinished = run.board.counts()
+    missing = run.board.total - run.done - run.failed
     log.info("summary:\n%s", summary_table(run))
-    log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed",
-             run.done, run.failed, unfinished, run.duplicates, format_seconds(elapsed))
-    resume_hint = "run '%s' to finish them" % resume_command(settings.command)
+    log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed", run.done, run.failed,
+             missing, run.duplicates, format_seconds(time.monotonic() - run.started))
+    finish = "run '%s' to finish them" % run.resume_hint
     if run.cannot_save:
-        log.error("stopped: %s; then %s", run.cannot_save, resume_hint)
+        log.error("stopped: %s; then %s", run.cannot_save, finish)
+        return 2
+    if refusals:
+        for reason, labels in refusals.items():
+            log.error("%s refuse%s work: %s", ", ".join(labels), "s" if len(labels) == 1 else "",
+                      reason)
+        log.error("stopped: no host will take work (see above); fix that, then %s", finish)
         return 2
     if gave_up:
         log.error("every host has been down for over %d s: stopping with %d tasks left; %s",
-                  settings.give_up_after, unfinished, resume_hint)
+                  settings.give_up_after, missing, finish)
         return 3
     if interrupted:
-        log.warning("%d tasks left; %s", unfinished, resume_hint)
-        return 130
+        log.warning("%d tasks left; %s", missing, finish)
+        return interrupted
+    if missing or unfinished:
+        log.error("%d tasks have no result file (see the errors above); %s", max(missing, unfinished),
+                  finish)
+        return 1
     run.call_user("handle_finish_tasks")
     if run.failed:
-        log.warning("%d tasks failed: see their .error.pickle files, fix calc, restart the workers and %s",
-                    run.failed, resume_hint.replace("finish them", "run them again"))
+        log.warning("%d tasks failed: see their .error.pickle files, fix calc, restart the workers "
+                    "and run '%s' to run them again", run.failed, run.resume_hint)
         return 1
     return 0
 
 
-def resume_command(command):
-    script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
-    return "python3 %s %s" % (script, "local --resume" if command == "local" else "resume")
+def resume_command(argv):
+    """The shell command that finishes the run `argv` started: the same script and every flag
+    that was given (hosts, folder, name, key file...), quoted, with 'resume' for 'manager'."""
+    script = sys.argv[0] if os.path.isfile(sys.argv[0]) else "oden.py"
+    words = [word for word in argv if word != "--yes"]
+    position = next((i for i, word in enumerate(words) if not word.startswith("-")), None)
+    if position is not None:                 # the command: the first word, as argparse reads it
+        if words[position] == "manager":
+            words[position] = "resume"
+        elif words[position] == "local" and "--resume" not in words:
+            words.insert(position + 1, "--resume")
+    return " ".join(shlex.quote(word) for word in ["python3", script] + words)
 
 
 def load_or_create_key(key_file):
@@ -1950,38 +2354,43 @@ def load_or_create_key(key_file):
     return key
 
 
-def confirm_new_run(folder, name, yes):
-    existing = result_paths(folder, name) + result_paths(folder, name, errors=True)
-    if not existing or yes:
+def confirm_new_run(folder, name, yes, resume_hint):
+    """Ask before a new run where results of its name exist (they stay; resume may be meant)."""
+    if yes or next(iter(run_records(folder, name)), None) is None and \
+            next(iter(run_records(folder, name, errors=True)), None) is None:
         return
-    question = ("%d result files of run %r exist in %s. Start a new run anyway (their files stay)? [y/N] "
-                % (len(existing), name, os.path.abspath(folder)))
+    question = ("result files of run %r exist in %s. Start a new run anyway (their files stay)? [y/N] "
+                % (name, os.path.abspath(folder)))
     if not sys.stdin.isatty():
-        raise OdenError("%d result files of run %r exist: pass --yes to start a new run anyway, or use "
-                        "'python3 oden.py resume' to run only what is missing" % (len(existing), name))
+        raise OdenError("result files of run %r exist in %s: pass --yes to start a new run anyway, or "
+                        "run '%s' to run only what is missing"
+                        % (name, os.path.abspath(folder), resume_hint))
     if input(question).strip().lower() not in ("y", "yes"):
-        raise OdenError("not started: use 'python3 oden.py resume' to run only what is missing")
+        raise OdenError("not started: run '%s' to run only what is missing" % resume_hint)
 
 
 # ====================================================================
 # Other commands: local, test, status, results, init
 # ====================================================================
 
-def run_local(job, settings, argv_script):
+def run_local(job, settings, argv):
     """Start loopback workers, run the manager against them, stop them."""
     env = dict(os.environ)
     env.setdefault(KEY_ENV, secrets.token_urlsafe(32))
     os.environ[KEY_ENV] = env[KEY_ENV]
     cores = os.cpu_count() or 1
     slots = settings.slots or max(1, cores // settings.workers)
-    stamp = timestamp()
+    if not settings.resume:
+        confirm_new_run(settings.folder, settings.name, settings.yes, resume_command(argv))
+    stamp = claim_stamp(settings.folder, settings.name)
     worker_log = open(os.path.join(settings.folder, workers_log_name(settings.name, stamp)), "ab")
     workers = []
     try:
         for _ in range(settings.workers):
-            workers.append(start_worker_process(argv_script, env, slots, worker_log, settings.threads))
+            workers.append(start_worker_process(os.path.abspath(sys.argv[0]), env, slots, worker_log,
+                                                settings.threads))
         settings.host_list = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
-        return run_manager(job, settings, settings.resume)
+        return run_manager(job, settings, settings.resume, argv, stamp)
     finally:
         for process, _ in workers:
             stop_process(process)
@@ -2033,7 +2442,8 @@ def stop_process(process):
 
 def run_test(job):
     """Run calc on every task here, one after another, and report each."""
-    tasks = list(job.make_tasks())
+    tasks = user_tasks(job)
+    pickle_tasks(tasks)                  # a task that cannot travel to a worker fails here too
     failed = 0
     for index, task in enumerate(tasks):
         record = run_task(job.calc, index, dumps(task))
@@ -2100,16 +2510,18 @@ def run_results(settings):
     name, folder = settings.name, settings.folder
     bad = []
     on_bad = lambda path, why: bad.append((path, why))
-    done = list(read_records(result_paths(folder, name), on_bad))
-    errors = list(read_records(result_paths(folder, name, errors=True), on_bad)) if settings.errors or settings.summary else []
+    done = list(run_records(folder, name, on_bad=on_bad))
+    errors = list(run_records(folder, name, errors=True, on_bad=on_bad))
     for path, why in bad:
         print("skipped unreadable %s: %s" % (path, why), file=sys.stderr)
-    if not done and not errors and not result_paths(folder, name, errors=True):
+    if not done and not errors:
         print("no result files of run %r in %s: check --name and --folder"
               % (name, os.path.abspath(folder)), file=sys.stderr)
     if settings.summary:
         print(results_summary(name, done, errors))
         return 0
+    if not (settings.errors or settings.summary):
+        errors = []
     records = sorted([r for _, r in done] + [r for _, r in errors], key=lambda r: r["index"])
     if settings.format == "json":
         json.dump([plain_record(r) for r in records], sys.stdout, indent=1, default=repr)
@@ -2228,6 +2640,8 @@ def build_parser(job):
         p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
         p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
         p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
+        p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
+                       "this name runs in this folder (both write files of the run)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
         p.add_argument("-v", "--verbose", action="count", default=0, help="log every task")
 
@@ -2295,7 +2709,7 @@ positive_float = argument_type(float, lambda v: v > 0, "a number", "must be more
 port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "port must be 0-65535")
 
 
-def dispatch(job, settings):
+def dispatch(job, settings, argv):
     folder = getattr(settings, "folder", None)
     if folder is not None and not os.path.isdir(folder):
         raise OdenError("folder %s does not exist: create it, or pass another --folder" % folder)
@@ -2308,28 +2722,45 @@ def dispatch(job, settings):
         return run_test(job)
     if settings.command == "results":
         return run_results(settings)
+    setup_logging(getattr(settings, "verbose", 0), getattr(settings, "quiet", False))
     settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
     if settings.command == "status":
         return run_status(settings)
-    setup_logging(settings.verbose, settings.quiet)
-    if settings.command == "local":
-        return run_local(job, settings, os.path.abspath(sys.argv[0]))
-    return run_manager(job, settings, settings.command == "resume")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
+    with contextlib.ExitStack() as stack:
+        if not settings.concurrent:
+            stack.enter_context(RunLock(settings.folder, settings.name))
+        if settings.command == "local":
+            return run_local(job, settings, argv)
+        return run_manager(job, settings, settings.command == "resume", argv)
 
 
 def main(argv=None, **user_settings):
-    """Run a command.  From a script of your own: oden.main(calc=..., make_tasks=..., name=...)."""
+    """Run a command; return its exit code (see README.md "Exit codes").
+
+    From a script of your own: sys.exit(oden.main(make_tasks=..., calc=..., name=...)).
+    With argv=None main() reads the command line: it is the program, so a non-zero outcome
+    ends the process with that code (SystemExit), also in a script that calls oden.main()
+    without sys.exit.  With an explicit argv it only returns the code."""
+    code = run_command(sys.argv[1:] if argv is None else list(argv), user_settings)
+    if argv is None and code:
+        raise SystemExit(code)
+    return code
+
+
+def run_command(argv, user_settings):
     try:
         job = Job(**user_settings)
         settings = build_parser(job).parse_args(argv)
         settings.name = getattr(settings, "name", job.name)
-        return dispatch(job, settings)
+        return dispatch(job, settings, argv)
     except OdenError as e:
         print("oden: error: %s" % e, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("oden: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("oden: %s" % ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:                  # output piped into `head` and the like, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

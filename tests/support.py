@@ -236,3 +236,87 @@ class OdenTestCase(unittest.TestCase):
 
     def assertRan(self, completed, code=0):
         self.assertEqual(completed.returncode, code, completed.output[-4000:])
+
+
+class Proxy:
+    """A loopback TCP proxy in front of a worker: it forwards both ways, at most `rate` bytes
+    a second towards the worker if given (a slow link), and cut() closes every connection
+    it carries now (a broken line; the worker itself lives on)."""
+
+    def __init__(self, port, rate=None):
+        import socket
+        self.target, self.rate = port, rate
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.connections = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    def _accept(self):
+        import socket
+        while not self.stop.is_set():
+            try:
+                client = self.server.accept()[0]
+            except OSError:
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink, rate in ((client, upstream, self.rate), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(source, sink, rate), daemon=True).start()
+
+    def _pump(self, source, sink, rate):
+        chunk = 4096 if rate is None else max(1, rate // 10)
+        source.settimeout(None)
+        try:
+            while not self.stop.is_set():
+                data = source.recv(chunk)
+                if not data:
+                    break
+                sink.sendall(data)
+                if rate is not None:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+
+    def cut(self):
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+            sock.close()
+        return len(connections) // 2
+
+    def close(self):
+        self.stop.set()
+        self.cut()
+        self.server.close()
+        self.thread.join(5)
+
+
+def wait_for(predicate, seconds=60, interval=0.05):
+    """Poll `predicate` until true or `seconds` pass; return its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
