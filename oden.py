@@ -1232,7 +1232,7 @@ class TaskBoard:
     def give_back(self, indices, reason, died=False):
         """Tasks a host lost (`died`: the host died while they were on it).
         Requeue them; return [(index, why)] for those past their limits."""
-        failed = []
+        failed, again = [], []
         with self.changed:
             for index in indices:
                 self.copies[index] -= 1
@@ -1246,7 +1246,8 @@ class TaskBoard:
                 elif self.attempts[index] >= self.max_attempts:
                     failed.append((index, "gave up after %d attempts: %s" % (self.attempts[index], reason)))
                 elif self.copies[index] == 0:
-                    self.pending.appendleft(index)
+                    again.append(index)
+            self.pending.extendleft(reversed(again))     # first in the queue, in their order
             self.changed.notify_all()
         return failed
 
@@ -1525,8 +1526,7 @@ class HostRunner:
         arrived = []
         for batch_id, records in reply["done"]:
             self.acks.append(batch_id)
-            self.run.board.release(self.in_flight.pop(batch_id, []))
-            arrived += records
+            arrived += self._answered(batch_id, records)
         for record in arrived:
             self._learn(record)
         self.arrived += arrived
@@ -1535,6 +1535,27 @@ class HostRunner:
         if lost and not bye:
             self._give_back(lost, "the worker lost them (did it restart?)")
         self._check_boot(reply["boot"])
+
+    def _answered(self, batch_id, records):
+        """The records of a finished batch that belong to it.  A record of a task the batch
+        did not hold is dropped, and a task it held without a record goes back to the queue:
+        whatever a worker answers, no result lands on another task and none is lost.  (A batch
+        given back earlier may still come in: its records are kept, a duplicate is dropped
+        when claimed.)"""
+        indices = self.in_flight.pop(batch_id, None)
+        if indices is None:
+            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.tasks)]
+        held = set(indices)
+        kept = [r for r in records if r.get("index") in held]
+        unanswered = held - {r["index"] for r in kept}
+        if len(kept) != len(records) or unanswered:
+            log.warning("%s answered batch %d with %d records for %d tasks: %d dropped, %d run again",
+                        self.host.label, batch_id, len(records), len(indices),
+                        len(records) - len(kept), len(unanswered))
+        self.run.board.release([i for i in indices if i not in unanswered])
+        if unanswered:
+            self._fail_tasks(self.run.board.give_back(sorted(unanswered), "the worker lost its result"))
+        return kept
 
     def save_arrived(self):
         arrived, self.arrived = self.arrived, []

@@ -1,0 +1,212 @@
+"""The in-process layer: the manager's bookkeeping, names and text, without sockets or
+processes (milliseconds each).  The scenario tests beside it run the same code for real."""
+import io
+import logging
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import unittest
+
+import support
+
+sys.path.insert(0, support.ROOT)
+import oden  # noqa: E402
+
+
+class StubRun:
+    """What a HostRunner needs of its run, recording what it is asked to save."""
+
+    def __init__(self, tasks, max_attempts=5, max_deaths=3):
+        self.tasks = tasks
+        self.task_bytes = [oden.dumps(t) for t in tasks]
+        self.board = oden.TaskBoard(range(len(tasks)), max_attempts, max_deaths)
+        self.accepted = []
+
+    def accept(self, host, records):
+        for record in records:
+            if self.board.finish(record["index"]):
+                self.accepted.append(record)
+
+
+class StubRunner(oden.HostRunner):
+    def __init__(self, run, max_body=oden.MAX_BODY):
+        self.run, self.host = run, oden.Host(1, "127.0.0.1", 8080)
+        self.in_flight, self.slots, self.max_body = {}, 1, max_body
+
+
+class BatchAnswerTest(unittest.TestCase):
+    def test_a_record_lands_only_on_a_task_its_batch_held(self):
+        run = StubRun(list("abcd"))
+        runner = StubRunner(run)
+        taken = run.board.take(4)
+        runner.in_flight = {7: taken[:2], 8: taken[2:]}
+        foreign = [{"index": 0, "ok": True}, {"index": 2, "ok": True}]    # 2 is batch 8's task
+        with self.assertLogs("oden", "WARNING") as logs:
+            kept = runner._answered(7, foreign)
+        self.assertIn("answered batch 7 with 2 records for 2 tasks: 1 dropped, 1 run again", logs.output[0])
+        self.assertEqual([r["index"] for r in kept], [0])
+        self.assertEqual(list(run.board.pending), [1])                    # 1 had no record: again
+        self.assertEqual(run.board.attempts[1], 1)
+        self.assertEqual(runner.in_flight, {8: [2, 3]})
+
+    def test_a_late_batch_given_back_earlier_keeps_its_records_in_range(self):
+        run = StubRun(list("ab"))
+        kept = StubRunner(run)._answered(99, [{"index": 1}, {"index": 5}, {"index": -1}, {}])
+        self.assertEqual(kept, [{"index": 1}])
+
+
+class RequestSizeTest(unittest.TestCase):
+    def test_a_task_over_the_limit_is_its_error_and_the_rest_wait_for_the_next_request(self):
+        tasks = ["x" * 300, "y" * 10, "z" * 600000, "w" * 10]
+        run = StubRun(tasks)
+        runner = StubRunner(run, max_body=oden.REQUEST_ENVELOPE + 1000)
+        sizes = [len(b) for b in run.task_bytes]
+        kept, room = runner._fit(run.board.take(4), 700)
+        self.assertEqual((kept, room), ([0, 1, 3], 700 - sizes[0] - sizes[1] - sizes[3]))
+        [error] = run.accepted
+        self.assertEqual(error["index"], 2)
+        self.assertIn("--max-body", error["exception"])
+        self.assertEqual(list(run.board.pending), [])
+        run = StubRun(tasks)
+        kept, room = StubRunner(run)._fit(run.board.take(4), sizes[0] + 5)
+        self.assertEqual((kept, room), ([0], 0))
+        self.assertEqual(list(run.board.pending), [1, 2, 3])
+        self.assertEqual(sum(run.board.attempts.values()), 0)
+
+
+class DeathTest(unittest.TestCase):
+    def test_only_counted_deaths_fail_a_task_and_not_while_it_runs_elsewhere(self):
+        board = oden.TaskBoard(range(2), max_attempts=9, max_deaths=2)
+        board.take(2)
+        self.assertEqual(board.give_back([0, 1], "line broke"), [])         # attempts, no deaths
+        self.assertEqual(list(board.pending), [0, 1])
+        self.assertEqual(board.count_deaths([0, 1]), [])
+        self.assertEqual(board.take(1), [0])                                 # 0 runs elsewhere
+        self.assertEqual(board.count_deaths([0, 1]), [(1, "worker died 2 times while running this task")])
+        self.assertEqual(board.give_back([0], "gone", died=True),
+                         [(0, "worker died 3 times while running this task")])
+
+    def test_put_back_counts_no_attempt_and_keeps_the_order(self):
+        board = oden.TaskBoard(range(4), 5, 3)
+        board.put_back(board.take(3))
+        self.assertEqual(list(board.pending), [0, 1, 2, 3])
+        self.assertEqual(sum(board.attempts.values()), 0)
+
+
+class FleetTest(unittest.TestCase):
+    def test_the_run_stops_only_when_every_host_refuses(self):
+        hosts = oden.parse_hosts("a\nb:81\nc", "test")
+        fleet = oden.Fleet(hosts)
+        fleet.refuse(hosts[0], "wrong key")
+        fleet.refuse(hosts[1], "wrong key")
+        self.assertIsNone(fleet.every_host_refuses())
+        fleet.refuse(hosts[2], "other code")
+        self.assertEqual(fleet.every_host_refuses(), {"wrong key": ["a:8080", "b:81"],
+                                                      "other code": ["c:8080"]})
+        fleet.mark(hosts[2], True)
+        self.assertIsNone(fleet.every_host_refuses())
+
+
+class HostsTest(unittest.TestCase):
+    def test_a_host_listed_twice_is_used_once_with_a_warning(self):
+        with self.assertLogs("oden", "WARNING") as logs:
+            hosts = oden.parse_hosts("a:1\nb\nA:1  # again\n[::1]:5\n[::1]:5", "hosts.txt")
+        self.assertEqual([(h.number, h.label) for h in hosts], [(1, "a:1"), (2, "b:8080"), (3, "[::1]:5")])
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("hosts.txt line 3: A:1 is listed already (as host 1): using it once", logs.output[0])
+
+
+class ResumeHintTest(unittest.TestCase):
+    def hint(self, argv):
+        folder = tempfile.mkdtemp(prefix="oden-unit-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        saved = sys.argv[0]
+        os.chdir(folder)                     # the hint names the script as it was typed
+        self.addCleanup(os.chdir, os.getcwd())
+        open("my job.py", "w").close()
+        sys.argv[0] = "my job.py"
+        try:
+            return oden.resume_command(argv)
+        finally:
+            sys.argv[0] = saved
+
+    def test_rows(self):
+        for argv, expected in [
+                (["manager"], "python3 'my job.py' resume"),
+                (["manager", "--hosts", "a b.txt", "--yes", "--name", "exp7", "--folder", "out"],
+                 "python3 'my job.py' resume --hosts 'a b.txt' --name exp7 --folder out"),
+                (["resume", "--name", "manager"], "python3 'my job.py' resume --name manager"),
+                (["local", "--workers", "2"], "python3 'my job.py' local --resume --workers 2"),
+                (["local", "--resume"], "python3 'my job.py' local --resume")]:
+            with self.subTest(argv=argv):
+                self.assertEqual(self.hint(argv), expected)
+
+
+class RunFilesTest(unittest.TestCase):
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="oden-unit-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    def write(self, file_name, records):
+        with open(os.path.join(self.folder, file_name), "wb") as f:
+            pickle.dump(records, f)
+
+    def test_records_of_a_longer_name_are_not_this_runs(self):
+        self.write("sim21_20261129-230000_0.done.pickle", {"name": "sim2", "task": 0, "result": 0})
+        self.write("sim1_20261129-230000-2_0.done.pickle", {"name": "sim", "task": 5, "result": 5})
+        self.write("sim3_20261129-230001_0.pack.pickle", [{"name": "sim", "task": 6, "result": 6}])
+        self.write("simple1_20261129-230000_0.done.pickle", {"name": "simple", "task": 7, "result": 7})
+        self.assertEqual(sorted(r["task"] for _, r in oden.run_records(self.folder, "sim")), [5, 6])
+        self.assertEqual([r["task"] for _, r in oden.run_records(self.folder, "sim2")], [0])
+        self.assertEqual(oden.tasks_to_run([0, 5, 6], self.folder, "sim"), [0])
+
+    def test_stamps_are_claimed_without_waiting(self):
+        stamps = [oden.claim_stamp(self.folder, "t") for _ in range(3)]
+        self.assertEqual(len(set(stamps)), 3)
+        self.assertTrue(stamps[1].startswith(stamps[0]) or stamps[1] != stamps[0])
+        self.assertEqual(len(os.listdir(self.folder)), 3)
+
+    def test_a_second_lock_of_a_name_is_refused_and_names_the_holder(self):
+        with oden.RunLock(self.folder, "t"):
+            with self.assertRaises(oden.OdenError) as refused:
+                oden.RunLock(self.folder, "t").acquire()
+            self.assertIn("pid %d" % os.getpid(), str(refused.exception))
+            self.assertTrue(oden.RunLock(self.folder, "t").held_elsewhere())
+            with oden.RunLock(self.folder, "t2"):
+                pass
+        self.assertFalse(oden.RunLock(self.folder, "t").held_elsewhere())
+
+    def test_temporaries_of_a_running_longer_name_stay(self):
+        for name in ("sim21_20261129-230000_0.done.pickle.tmpab12",
+                     "sim1_20261129-230000_1.error.pickle.tmpcd34"):
+            open(os.path.join(self.folder, name), "w").close()
+        with oden.RunLock(self.folder, "sim2"):
+            self.assertEqual(oden.remove_temporaries(self.folder, "sim"), 1)
+        self.assertEqual(oden.remove_temporaries(self.folder, "sim"), 1)
+        self.assertEqual(os.listdir(self.folder), [".sim2.lock"])
+
+
+class TextTest(unittest.TestCase):
+    def test_printable_rows(self):
+        for text, shown in [("plain\nlines\tand tabs é", "plain\nlines\tand tabs é"),
+                            ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+                            ("bell\x07 nul\x00 c1\x9b del\x7f", "bell\\x07 nul\\x00 c1\\x9b del\\x7f"),
+                            ("not utf-8: \udcff", "not utf-8: \\udcff")]:
+            self.assertEqual(oden.printable(text), shown)
+
+    def test_a_record_no_encoding_can_hold_is_written_escaped(self):
+        stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(oden.EscapingFormatter("%(message)s", None, "ascii"))
+        logger = logging.getLogger("oden.unit")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        logger.error("caf\u00e9 \udcff")
+        stream.flush()
+        self.assertEqual(stream.buffer.getvalue(), b"caf\\xe9 \\udcff\n")
+
+
+if __name__ == "__main__":
+    unittest.main()
