@@ -31,6 +31,7 @@ its signature checks out.  Without a key a worker only listens on loopback
 (GET) need no key and show counts and ages only, never tasks or results.
 """
 import argparse
+import ast
 import collections
 import concurrent.futures
 import contextlib
@@ -52,6 +53,7 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -76,6 +78,7 @@ interval_polling = 1  # seconds: how long one poll may wait on a worker before t
 timeout = 10          # seconds for every HTTP request (connecting, sending, receiving)
 task_timeout = None   # seconds one task may run before it is recorded as an error; None: no limit
 chunksize = None      # tasks per batch sent to a worker slot; None: automatic (batches of about 0.05 s)
+files = []            # glob patterns (relative to this folder) of data files calc reads: pushed with the code
 
 
 def make_tasks():
@@ -325,16 +328,155 @@ def create_key(key_file=None):
     return path
 
 
-def code_digest():
-    """SHA-256 of this file and of the main script: both ends must run the same code."""
-    paths = {os.path.abspath(__file__)}
-    if os.path.isfile(sys.argv[0]):
-        paths.add(os.path.abspath(sys.argv[0]))
-    parts = []
-    for path in paths:
+# ====================================================================
+# The code of a run: the same on both ends, pushed where it differs
+# ====================================================================
+#
+# The code of a run is oden.py, the main script, every module under the project folder that
+# the main script imports (at any depth: found by reading their import statements, plus any
+# such module already imported) and the files matched by the user section's `files`.  Its
+# manifest {path relative to the project folder: sha256 hex} travels in the manager's /hello;
+# the worker hashes the same paths on its disk and answers with those that differ (`stale`).
+# The manager then sends them in a /push (signed like every message: whoever holds the key can
+# run code on the workers anyway, since tasks are pickles); the worker checks every path,
+# writes the files atomically, keeps what they replaced in PREVIOUS_FOLDER (one generation)
+# and restarts itself in place: same command line, same port, new code.
+
+PREVIOUS_FOLDER = ".oden-previous"   # in the worker's project folder: the files a push replaced
+MAX_PUSH = 50 * 2 ** 20             # bytes; a larger push is refused (--max-push)
+
+
+def project_modules(script, folder):
+    """Paths of the modules under `folder` that `script` imports, at any depth: read from their
+    import statements (also those inside functions), so nothing has to be imported here."""
+    found, todo = set(), [os.path.abspath(script)]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.add(path)
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module] + ["%s.%s" % (node.module, a.name) for a in node.names]
+            else:
+                continue
+            todo += [p for name in names if name for p in module_files(name, folder)]
+    return found
+
+
+def module_files(dotted, folder):
+    """The files under `folder` that importing `dotted` runs (packages' __init__.py too)."""
+    files, base = [], folder
+    for part in dotted.split("."):
+        package, module = os.path.join(base, part, "__init__.py"), os.path.join(base, part + ".py")
+        if os.path.isfile(package):
+            files.append(package)
+            base = os.path.join(base, part)
+        elif os.path.isfile(module):
+            files.append(module)
+            break
+        else:
+            break
+    return files
+
+
+def code_manifest(patterns=()):
+    """{relative path: sha256 hex} of the code of this run (see above), for the manager."""
+    folder = script_folder()
+    paths = project_modules(os.path.join(folder, os.path.basename(sys.argv[0])), folder) \
+        if os.path.isfile(sys.argv[0]) else set()
+    paths.add(os.path.abspath(__file__))
+    paths.update(os.path.abspath(m.__file__) for m in list(sys.modules.values())
+                 if isinstance(getattr(m, "__file__", None), str) and m.__file__.endswith(".py"))
+    for pattern in patterns:
+        paths.update(p for p in glob.glob(os.path.join(folder, pattern), recursive=True)
+                     if os.path.isfile(p))
+    inside = (os.path.relpath(p, folder) for p in paths if os.path.isfile(p))
+    return {rel.replace(os.sep, "/"): file_digest(os.path.join(folder, rel)) for rel in inside
+            if not rel.startswith(os.pardir) and PREVIOUS_FOLDER not in rel.split(os.sep)}
+
+
+def file_digest(path):
+    """sha256 hex of a file's bytes, or "" when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
         with open(path, "rb") as f:
-            parts.append(hashlib.sha256(f.read()).hexdigest())
-    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()[:16]
+            for block in iter(lambda: f.read(2 ** 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def manifest_digest(manifest):
+    """16 hex digits naming a manifest: what `status` and the logs show as "code"."""
+    return hashlib.sha256(json.dumps(sorted(manifest.items())).encode()).hexdigest()[:16]
+
+
+def project_path(folder, relative):
+    """The absolute path of `relative` in `folder`; ValueError when it is absolute, climbs out
+    with "..", or leads out through a link."""
+    if not isinstance(relative, str) or not relative or "\0" in relative or \
+            os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
+        raise ValueError("path %r is not inside the project folder" % printable(str(relative))[:200])
+    path = os.path.join(folder, *relative.split("/"))
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
+        raise ValueError("path %r leads out of the project folder" % printable(relative)[:200])
+    return path
+
+
+def stale_paths(manifest, folder):
+    """The paths of `manifest` whose file in `folder` differs (or is missing, or is no path of
+    the folder: those fail the push's check with a message)."""
+    stale = []
+    for relative, digest in manifest.items():
+        try:
+            path = project_path(folder, relative)
+        except ValueError:
+            stale.append(relative)
+            continue
+        if file_digest(path) != digest:
+            stale.append(relative)
+    return sorted(stale)
+
+
+def apply_push(folder, files):
+    """Write {relative path: bytes} into `folder`: every file first to a temporary name, then
+    each replaced file is moved to PREVIOUS_FOLDER and the new one renamed into place.  Raises
+    ValueError for a bad path and OSError when a file cannot be written; then nothing changed
+    (a failure in the final renames, after every file was written, is reported the same way
+    and the replaced files are in PREVIOUS_FOLDER)."""
+    targets = {relative: project_path(folder, relative) for relative in files}
+    temporaries = {}
+    try:
+        for relative, data in files.items():
+            os.makedirs(os.path.dirname(targets[relative]), exist_ok=True)
+            temporaries[relative] = "%s%s%s" % (targets[relative], TEMP_MARK, secrets.token_hex(4))
+            with open(temporaries[relative], "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for temp in temporaries.values():
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+        raise
+    for relative, temp in sorted(temporaries.items()):
+        target = targets[relative]
+        if os.path.exists(target):
+            backup = os.path.join(folder, PREVIOUS_FOLDER, *relative.split("/"))
+            os.makedirs(os.path.dirname(backup), exist_ok=True)
+            shutil.copy2(target, backup)
+        os.replace(temp, target)
+        log.info("push: wrote %s (%d bytes)", relative, len(files[relative]))
 
 
 def script_folder():
@@ -631,7 +773,7 @@ class WorkerState:
         self.show_status, self.job_name = show_status, job_name
         self.capacity = 2 * slots + WORKER_BACKLOG
         self.boot = secrets.token_hex(6)
-        self.code = code_digest()
+        self.code = None             # manifest_digest() of this worker's code, set by run_worker
         self.started = time.time()
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
@@ -770,6 +912,11 @@ class WorkerState:
         return {"version": VERSION, "code": self.code, "slots": self.slots, "boot": self.boot,
                 "python": platform.python_version(), "name": self.job_name}
 
+    def others_at_work(self, run_id):
+        """True while batches of a run other than `run_id` are queued or running here."""
+        with self.lock:
+            return any(b.run_id != run_id for b in list(self.queued) + list(self.running.values()))
+
     def status(self):
         """What the status routes show: counts and ages, never tasks or results."""
         now = time.time()
@@ -817,9 +964,10 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     wbufsize = -1                            # buffered: headers and body leave in one write (flushed per request)
     error_message_format = "%(message)s\n"   # http.server's own refusals (bad request line...): one line too
     error_content_type = "text/plain; charset=utf-8"
-    post_routes = {"/hello": lambda state, m: state.hello(),
-                   "/submit": lambda state, m: state.submit(m),
-                   "/poll": lambda state, m: state.poll(m)}
+    post_routes = {"/hello": lambda server, m: dict(server.state.hello(), **server.keeper.hello(m)),
+                   "/submit": lambda server, m: server.state.submit(m),
+                   "/poll": lambda server, m: server.state.poll(m),
+                   "/push": lambda server, m: server.keeper.push(m, server.state)}
 
     def do_GET(self):
         state = self.server.state
@@ -843,7 +991,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         codec, state = self.server.codec, self.server.state
         try:
             message, ticket = codec.open_request(self.path, self.headers.get(AUTH_HEADER), body, state.boot)
-            reply = route(state, message)
+            reply = route(self.server, message)
         except AuthError as e:
             log.warning("refused %s from %s: %s", self.path, self.client_address[0], e)
             return self._fail(e.status, str(e))
@@ -852,6 +1000,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             return self._fail(400, "malformed message: %s" % one_line(e))
         body, headers = codec.seal_reply(ticket, 200, reply)
         self._send(200, body, "application/octet-stream", headers)
+        if self.server.keeper.restarting:        # a push was taken: restart once it is answered
+            self.wfile.flush()
+            threading.Thread(target=self.server.shutdown).start()
 
     def _read_body(self):
         length = self.headers.get("Content-Length", "")
@@ -904,16 +1055,55 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], fmt % args)
 
 
+class CodeKeeper:
+    """The worker's side of "the code of a run": tells the manager which of its files differ
+    here, takes a push of them and asks run_worker() to restart in place."""
+
+    def __init__(self, folder, script, pushable, max_push):
+        self.folder, self.script = folder, script
+        self.pushable = pushable         # None, or why this worker takes no pushes
+        self.max_push = max_push
+        self.restarting = False          # set once by push(); read by the handler and run_worker
+
+    def hello(self, message):
+        """What /hello adds: the manager's files that differ here, our script, push or not."""
+        manifest = message.get("manifest") or {}
+        return {"stale": stale_paths(manifest, self.folder), "script": self.script,
+                "refuses_push": self.pushable}
+
+    def push(self, message, state):
+        """Write the pushed files and restart, or say in one line why not."""
+        if self.pushable:
+            return {"ok": False, "why": self.pushable}
+        if state.others_at_work(message.get("run")):
+            return {"ok": False, "retry": True,
+                    "why": "it runs another run's tasks: it takes the new code when they are done"}
+        files = message.get("files") or {}
+        size = sum(len(data) for data in files.values())
+        if size > self.max_push:
+            return {"ok": False, "why": "a push of %d bytes is over its --max-push of %d bytes"
+                    % (size, self.max_push)}
+        try:
+            apply_push(self.folder, files)
+        except (ValueError, OSError, TypeError, AttributeError) as e:
+            log.warning("push refused: %s", one_line(e))
+            return {"ok": False, "why": "push refused, its code is unchanged: %s" % one_line(e)}
+        log.info("push: %d files, %d bytes; restarting with the new code", len(files), size)
+        self.restarting = True
+        return {"ok": True}
+
+
 class WorkerServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, state, codec, show_status, max_body, tls=None):
+    def __init__(self, address, state, codec, show_status, max_body, tls=None, keeper=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WorkerHandler)
         self.state, self.codec, self.show_status, self.max_body, self.tls = state, codec, show_status, max_body, tls
+        self.keeper = keeper
 
     def get_request(self):
         sock, address = super().get_request()
@@ -948,9 +1138,14 @@ def run_worker(job, args):
             raise OdenError("cannot load the certificate %s (%s): check --certfile and --keyfile"
                             % (args.certfile, getattr(e, "strerror", None) or e))
     state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name)
+    state.code = manifest_digest(code_manifest(job.files))
+    keeper = CodeKeeper(script_folder(), os.path.basename(sys.argv[0]),
+                        "it was started with --no-push" if args.no_push else
+                        "it has no key: pushes need one" if key is None else None, args.max_push)
     state.start_slots()
     try:
-        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status, args.max_body, tls)
+        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status, args.max_body, tls,
+                              keeper)
     except OSError as e:
         state.stop_slots()
         raise OdenError("cannot listen on %s:%s (%s): pick another --port or stop what uses it"
@@ -968,7 +1163,22 @@ def run_worker(job, args):
     finally:
         server.server_close()
         state.stop_slots()
+    if keeper.restarting:
+        restart_in_place(port)
     return 0
+
+
+def restart_in_place(port):
+    """Run this worker's command line again in this process (os.execv), on the port it has
+    now (also when it was started with --port 0), so the pushed code is the code that runs."""
+    argv = [word for word in sys.argv if not word.startswith("--port=")]
+    if "--port" in argv[:-1]:
+        argv[argv.index("--port") + 1] = str(port)
+    else:
+        argv += ["--port", str(port)]
+    print("oden worker restarting with the pushed code", flush=True)
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable] + argv)
 
 
 # ====================================================================
@@ -1064,6 +1274,18 @@ class HostClient:
         self.boot = None
         self.connection = None
         self.meanwhile = None
+
+    def connect(self, manifest):
+        """Say hello with our code's manifest: the worker's answer, whose boot id every later
+        request carries (so none reaches a restarted worker)."""
+        hello = self.call("/hello", {"manifest": manifest})
+        self.boot = hello["boot"]
+        return hello
+
+    def forget(self):
+        """Close the line and forget the worker's boot id: the next request is a connect()."""
+        self.close()
+        self.boot = None
 
     def call(self, path, message, extra_wait=0, meanwhile=None):
         """Send a message and return the worker's answer.  `meanwhile()` runs exactly once:
@@ -1363,6 +1585,72 @@ class Fleet:
             return causes
 
 
+RESTART_WAIT = 60                    # seconds a pushed worker may take to restart and answer again
+
+
+def push_code(client, host, manifest, hello, run_id, max_push):
+    """Bring a worker whose `hello` lists stale files to our code: push them, wait for it to
+    restart in place and return its new hello.  HostError(REFUSED) with the reason and the fix
+    when it cannot be done (no key, --no-push, another script, too large, a failed write);
+    HostError(TIMEOUT) when it is busy with another run's tasks (asked again later)."""
+    stale, ours = hello["stale"], os.path.basename(sys.argv[0])
+    what = "worker %d runs other code (%d files differ: %s)" % (
+        host.number, len(stale), printable(", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")))
+    if client.codec.key is None:
+        raise HostError(what + ": copy the project there yourself (pushes need a key: run "
+                        "without --insecure)", REFUSED)
+    if hello.get("refuses_push"):
+        raise HostError("%s and refuses pushes (%s): copy the project there yourself"
+                        % (what, printable(str(hello["refuses_push"]))), REFUSED)
+    if hello.get("script") != ours:
+        raise HostError("%s: it was started as %r, not %r: start it as 'python3 %s worker'"
+                        % (what, printable(str(hello.get("script"))), ours, ours), REFUSED)
+    files = {}
+    for relative in stale:
+        if relative not in manifest:
+            raise HostError("worker %d asks for %r, which is no file of this run" % (
+                host.number, printable(str(relative))), REFUSED)
+        with open(os.path.join(script_folder(), *relative.split("/")), "rb") as f:
+            files[relative] = f.read()
+    size = sum(len(data) for data in files.values())
+    if size > max_push:
+        raise HostError("%s: a push of %d bytes is over --max-push (%d): copy the project there "
+                        "yourself, or raise --max-push" % (what, size, max_push), REFUSED)
+    log.info("%s: %s; pushing them (%d bytes)", host.label, what, size)
+    try:
+        answer = client.call("/push", {"run": run_id, "files": files})
+    except HostError as e:
+        if e.kind != GONE:
+            raise
+        answer = {"ok": True}            # the restart can beat its answer: the new hello tells
+    if not answer.get("ok"):
+        raise HostError("push to worker %d failed: %s" % (host.number, printable(str(answer.get("why")))),
+                        TIMEOUT if answer.get("retry") else REFUSED)
+    fresh = wait_for_restart(client, hello["boot"], manifest)
+    if fresh.get("stale"):
+        raise HostError("worker %d still runs other code after a push (%s): copy the project there "
+                        "yourself" % (host.number, printable(", ".join(fresh["stale"][:5]))), REFUSED)
+    log.info("%s: runs our code now (pushed %d files, %d bytes)", host.label, len(files), size)
+    return fresh
+
+
+def wait_for_restart(client, old_boot, manifest):
+    """The first hello of the worker after its restart (a boot id other than `old_boot`)."""
+    deadline = time.monotonic() + RESTART_WAIT
+    while True:
+        try:
+            hello = client.connect(manifest)
+            if hello.get("boot") != old_boot:
+                return hello
+        except HostError as e:
+            if e.kind not in (GONE, TIMEOUT) or time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise HostError("the worker did not restart within %d s after a push" % RESTART_WAIT,
+                            TIMEOUT)
+        time.sleep(0.1)
+
+
 class HostRunner:
     """Feeds one host for the whole run: connect, keep its slots busy, poll,
     and give tasks back to the board when the host fails.
@@ -1383,6 +1671,7 @@ class HostRunner:
         self.acks = []
         self.slots = 0
         self.max_body = MAX_BODY         # the worker's --max-body, from its hello
+        self.up = False                  # connected, its slots counted on the board
         self.last_boot = None            # boot id of the worker we last talked to
         self.suspects = []               # tasks it held when the line broke: dead or not, connect() tells
         self.mean_task = None            # seconds, running average from the worker's records
@@ -1395,7 +1684,7 @@ class HostRunner:
         backoff = BACKOFF[0]
         while not board.finished and not board.stopping:
             try:
-                if self.client.boot is None:
+                if not self.up:
                     self.connect()
                     backoff = BACKOFF[0]
                 batches = self.take_batches()
@@ -1419,23 +1708,22 @@ class HostRunner:
                 self.lost(HostError("unexpected error in the manager", OURS), died=False)
                 board.sleep(backoff)
         self.collect_last()
-        if board.finished and self.client.boot is not None:
+        if board.finished and self.up:
             self.tell_finished()         # the host that ran the last tasks never went idle
         self.client.close()
 
     def connect(self):
         try:
-            hello = self.client.call("/hello", {})
+            hello = self.client.connect(self.run.manifest)
         except HostError as e:
             if e.kind == GONE:
                 self._judge_suspects(died=True)          # it stopped answering while it held them
             raise
-        if hello.get("code") != self.run.code:
-            raise HostError("worker %d runs a different oden.py (code %s, ours %s): copy the project "
-                            "again and restart it" % (self.host.number, printable(str(hello.get("code"))),
-                                                      self.run.code), REFUSED)
         self._judge_suspects(died=hello["boot"] != self.last_boot)
-        self.client.boot = self.last_boot = hello["boot"]
+        if hello.get("stale"):
+            hello = push_code(self.client, self.host, self.run.manifest, hello, self.run.id,
+                              self.run.settings.max_push)
+        self.last_boot, self.up = hello["boot"], True
         self.slots, self.max_body = int(hello["slots"]), int(hello.get("max_body", MAX_BODY))
         self.run.board.add_slots(self.slots)
         self.run.fleet.mark(self.host, True)
@@ -1577,7 +1865,7 @@ class HostRunner:
     def collect_last(self):
         """At the run's end or stop: pick up results already waiting and say goodbye (the
         worker stops what it still runs for us), then give back the rest."""
-        if self.client.boot is not None:
+        if self.up:
             with contextlib.suppress(HostError):
                 self.exchange([], wait=0, bye=True)
         self.save_arrived()
@@ -1630,10 +1918,10 @@ class HostRunner:
         """A request failed: requeue the host's tasks and mark it down (or refusing) until it
         answers again.  `died`: the verdict() on the worker, if any; without one, a broken
         line waits for the next connect() to tell (see the class docstring)."""
-        if self.client.boot is not None:
+        if self.up:
             self.run.board.add_slots(-self.slots)
-        self.client.boot = None
-        self.client.close()
+        self.up = False
+        self.client.forget()
         self.save_arrived()
         reason = str(error)
         indices = self._give_back(list(self.in_flight), reason, died=error.kind == RESTARTED or died)
@@ -1922,7 +2210,8 @@ class Run:
         self.stamp = stamp               # from claim_stamp(): in every file name of this run
         self.resume_hint = resume_hint   # the shell command that finishes this run
         self.key = key                   # each HostClient signs with a Codec (a session) of its own
-        self.code = code_digest()
+        self.manifest = code_manifest(job.files)   # {relative path: sha256}: see "The code of a run"
+        self.code = manifest_digest(self.manifest)
         self.task_bytes = task_bytes
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
         self.fleet = Fleet(hosts)
@@ -2522,6 +2811,38 @@ def run_status(settings):
     return 0 if all("error" not in s for s in states) else 1
 
 
+def run_push(job, settings):
+    """Bring every host's code to ours without running a task: one line a host."""
+    key = load_key(settings.key_file)
+    if key is None:
+        raise OdenError("no key: pushes need one. Run 'python3 oden.py init' and copy the project "
+                        "with %s to the workers once" % KEY_FILE)
+    manifest, tls = code_manifest(job.files), client_tls(settings.cafile)
+    hosts = settings.host_list
+    if tls:
+        for host in hosts:
+            host.scheme = "https"
+    log.info("code %s: %d files", manifest_digest(manifest), len(manifest))
+
+    def push_one(host):
+        client = HostClient(host, Codec(key), settings.timeout, tls)
+        try:
+            hello = client.connect(manifest)
+            if not hello.get("stale"):
+                return "up to date"
+            push_code(client, host, manifest, hello, "push-" + secrets.token_hex(4), settings.max_push)
+            return "pushed %d files" % len(hello["stale"])
+        except HostError as e:
+            return "FAILED: %s" % e
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        outcomes = list(pool.map(push_one, hosts))
+    print(format_table([("host", "code")] + [(h.label, o) for h, o in zip(hosts, outcomes)]))
+    return 1 if any(o.startswith("FAILED") for o in outcomes) else 0
+
+
 def format_table(rows):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
@@ -2596,7 +2917,7 @@ def run_init(key_file):
 # Command line and library entry point
 # ====================================================================
 
-USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "make_tasks",
+USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "files", "make_tasks",
                  "calc", "handle_finish_machine", "handle_finish_tasks", "show_status")
 
 
@@ -2660,6 +2981,8 @@ def build_parser(job):
         p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection (urllib) for every request")
         p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
         p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
+        p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code to "
+                       "a worker in bytes (default %(default)s)")
         p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
         p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
                        "this name runs in this folder (both write files of the run)")
@@ -2677,6 +3000,10 @@ def build_parser(job):
     p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1, help="tasks at once (default: the number of cores, %(default)s)")
     p.add_argument("--threads", action="store_true", help="run calc in threads of this process instead of child processes")
     p.add_argument("--max-body", type=positive_int, default=MAX_BODY, help="largest request in bytes (default %(default)s)")
+    p.add_argument("--no-push", action="store_true", help="never take code pushed by a manager: "
+                   "copy the project here yourself")
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code "
+                   "in bytes (default %(default)s)")
     p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
     p.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     p.add_argument("--insecure", action="store_true", help="listen beyond loopback without a key (trusted networks only)")
@@ -2700,6 +3027,12 @@ def build_parser(job):
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
     p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
+    p = command("push", "bring every host's code to this project's, without running anything")
+    p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
+    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per request (default %(default)s)")
+    p.add_argument("--cafile", help="use https, trusting this CA or certificate")
+    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push in bytes (default %(default)s)")
     p = command("results", "print the saved results of a run")
     p.add_argument("--errors", action="store_true", help="include errors")
     p.add_argument("--summary", action="store_true", help="counts, and failures grouped by exception")
@@ -2747,6 +3080,8 @@ def dispatch(job, settings, argv):
     settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
     if settings.command == "status":
         return run_status(settings)
+    if settings.command == "push":
+        return run_push(job, settings)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, raise_terminated)
     with contextlib.ExitStack() as stack:

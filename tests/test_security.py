@@ -551,13 +551,13 @@ class SameCodeTest(support.OdenTestCase):
         with open(other.path("oden.py"), "a") as f:
             f.write("\n# an edited comment: otherwise the same file\n")
         stale = with_env(other, {"ODEN_KEY": project.env["ODEN_KEY"]},
-                         lambda: other.start_worker("--slots", "1", "--threads"))
+                         lambda: other.start_worker("--slots", "1", "--threads", "--no-push"))
         current = project.start_worker("--slots", "1", "--threads")
         project.write_hosts([stale, current])
         completed = project.run("manager", "--timeout", "10", "--interval-polling", "0.2")
         self.assertRan(completed)
-        self.assertIn("runs a different oden.py", completed.output)
-        self.assertIn("copy the project again and restart it", completed.output)
+        self.assertIn("worker 1 runs other code (1 files differ: oden.py) and refuses pushes (it was "
+                      "started with --no-push): copy the project there yourself", completed.output)
         self.assertEqual({r["host"] for r in project.records()}, {current.address})
         self.assertEqual(len(project.records()), 6)
         self.assertEqual(status_json(stale)["done"], 0)
