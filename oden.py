@@ -927,7 +927,7 @@ class WorkerState:
                      "slots_busy": busy, "slots_free": self.idle,
                      "queued_batches": len(self.queued),
                      "running_task_ages": [round(age, 1) for age in running],
-                     "done": self.done, "failed": self.failed}
+                     "done": self.done, "failed": self.failed, "code": self.code}
         state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
                       "uptime": round(now - self.started, 1), "version": VERSION,
                       "python": platform.python_version(), "host": platform.node(),
@@ -2635,8 +2635,8 @@ def conclude(run, interrupted, gave_up, refusals):
         return 1
     run.call_user("handle_finish_tasks")
     if run.failed:
-        log.warning("%d tasks failed: see their .error.pickle files, fix calc, restart the workers "
-                    "and run '%s' to run them again", run.failed, run.resume_hint)
+        log.warning("%d tasks failed: see their .error.pickle files, fix calc and run '%s' to run "
+                    "them again (the fix is pushed to the workers)", run.failed, run.resume_hint)
         return 1
     return 0
 
@@ -2791,7 +2791,8 @@ def fetch_status(host, request_timeout, tls=None):
         return {"error": explain_network_error(e, request_timeout)}
 
 
-def run_status(settings):
+def run_status(job, settings):
+    ours = manifest_digest(code_manifest(job.files))
     tls = client_tls(settings.cafile)
     hosts = settings.host_list
     if tls:
@@ -2799,14 +2800,15 @@ def run_status(settings):
             host.scheme = "https"
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
         states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
-    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "")]
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "code", "")]
     for host, state in zip(hosts, states):
         if "error" in state:
-            rows.append((host.label, "no", "", "", "", "", "", state["error"]))
+            rows.append((host.label, "no", "", "", "", "", "", "", state["error"]))
         else:
-            load = state.get("load")
+            load, code = state.get("load"), printable(str(state.get("code")))[:16]
             rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
-                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-", ""))
+                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-",
+                         "%s (%s)" % (code, "ours" if code == ours else "differs: run push"), ""))
     print(format_table(rows))
     return 0 if all("error" not in s for s in states) else 1
 
@@ -2917,6 +2919,10 @@ def run_init(key_file):
 # Command line and library entry point
 # ====================================================================
 
+OPTIONAL_SETTINGS = {               # what a user section that leaves a setting out gets
+    "hosts": None, "task_timeout": None, "chunksize": None, "files": (),
+    "handle_finish_machine": lambda uri, name: None, "handle_finish_tasks": lambda: None,
+    "show_status": lambda: "oden worker"}
 USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "files", "make_tasks",
                  "calc", "handle_finish_machine", "handle_finish_tasks", "show_status")
 
@@ -2935,7 +2941,8 @@ class Job:
         if unknown:
             raise OdenError("oden.main() got unknown settings %s; known: %s"
                             % (", ".join(sorted(unknown)), ", ".join(USER_SETTINGS)))
-        defaults = dict((setting, globals()[setting]) for setting in USER_SETTINGS)
+        defaults = dict((setting, globals().get(setting, OPTIONAL_SETTINGS.get(setting)))
+                        for setting in USER_SETTINGS)
         if overrides:
             missing = [f for f in ("make_tasks", "calc") if f not in overrides]
             if missing:
@@ -3079,7 +3086,7 @@ def dispatch(job, settings, argv):
     setup_logging(getattr(settings, "verbose", 0), getattr(settings, "quiet", False))
     settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
     if settings.command == "status":
-        return run_status(settings)
+        return run_status(job, settings)
     if settings.command == "push":
         return run_push(job, settings)
     if threading.current_thread() is threading.main_thread():
