@@ -155,6 +155,7 @@ GIVE_UP_AFTER = 300                 # seconds every host may be down before the 
 BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
 OUTPUT_TAIL = 4000                  # characters of what calc printed kept per task
 RUN_LEASE = 180                     # seconds a silent manager run keeps its batches on a worker
+RUN_QUIET = 10                      # seconds of silence after which a run's batches queue last
 LEASE_ENV = "ODEN_RUN_LEASE"        # overrides RUN_LEASE (tests use a short lease)
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
 PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
@@ -738,6 +739,10 @@ class RunState:
     def held(self):
         return len(self.queued) + len(self.running) + len(self.finished)
 
+    def quiet(self, now):
+        """Silent for a while: a live manager polls every few seconds while it holds work here."""
+        return not self.polls and now - self.heard > RUN_QUIET
+
 
 class WorkerState:
     """The worker's memory: per manager run, its batches queued, running and
@@ -746,7 +751,8 @@ class WorkerState:
     Several runs share the worker (people sharing lab machines): each request
     names its run, and is answered with that run's batches only.  A free slot
     takes the next batch of the run with the fewest batches running (on a tie,
-    the one fed longest ago).  Capacity (busy answers) counts every run's
+    the one fed longest ago); a run silent for RUN_QUIET s (its manager killed,
+    say) comes after the others.  Capacity (busy answers) counts every run's
     batches.  A run that says goodbye ({"bye": True} on /poll), or is not heard
     from for `lease` seconds (RUN_LEASE), is dropped: its queued and unacked
     batches go, its running ones are cancelled (a process slot kills its child;
@@ -847,8 +853,9 @@ class WorkerState:
                 self.idle -= 1
             elif sum(len(run.queued) for run in self.runs.values()) <= self.idle:
                 return
+            now = time.monotonic()
             run = min((run for run in self.runs.values() if run.queued),
-                      key=lambda r: (len(r.running), r.fed))
+                      key=lambda r: (r.quiet(now), len(r.running), r.fed))
             batch = run.queued.popleft()
             run.running[batch.id] = batch
             self.feeds += 1

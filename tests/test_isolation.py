@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import unittest
 import unittest.mock
@@ -491,6 +492,31 @@ class SlotLoopTest(unittest.TestCase):
         self.assertTrue(oden.one_line(BadText()).startswith("BadText"))
         self.assertTrue(oden.one_line(NotText()).startswith("NotText"))
         self.assertEqual(oden.one_line(ValueError("a\nb")), "ValueError: a")
+
+    def order_of_runs(self, silent):
+        """The order one slot runs batches a1..a3 and b1, b2 in, b submitted while a1 runs."""
+        order, gate = [], threading.Event()
+
+        def calc(task):
+            if task == ("a", 1):
+                gate.wait(10)
+            order.append(task)
+        state = oden.WorkerState(calc, 1, True, None, "t")
+        self.addCleanup(state.stop_slots)
+        state.start_slots()
+        for run, ids in (("a", (1, 2, 3)), ("b", (1, 2))):
+            state.submit({"run": run, "batches": [(b, [(b, oden.dumps((run, b)))], None) for b in ids]})
+            self.assertTrue(support.wait_until(lambda: state.status()["slots_busy"] == 1, 10))
+            if silent:
+                with state.lock:
+                    state.runs["a"].heard -= 2 * oden.RUN_QUIET
+        gate.set()
+        self.assertTrue(support.wait_until(lambda: len(order) == 5, 10))
+        return ["%s%d" % task for task in order]
+
+    def test_runs_take_turns_and_a_silent_run_comes_last(self):
+        self.assertEqual(self.order_of_runs(silent=False), ["a1", "b1", "a2", "b2", "a3"])
+        self.assertEqual(self.order_of_runs(silent=True), ["a1", "b1", "b2", "a2", "a3"])
 
     def test_a_failing_slot_records_its_batch_as_errors_and_serves_on(self):
         state = oden.WorkerState(lambda x: 2 * x, 1, True, None, "t")
