@@ -640,8 +640,8 @@ class ProcessSlot(Slot):
                 mark_started(batch)
         if batch.cancelled and self.todo:
             self.stop()                                 # it may be mid-batch: a new child runs on
-        self.batch = None
-        return batch, self.records
+        records, self.batch, self.records = self.records, None, []
+        return batch, records
 
     def _position(self):
         position = self.position
@@ -693,8 +693,8 @@ class ThreadSlot(Slot):
             if batch.cancelled:
                 break
             self.records.append(self._run(batch, index, task_bytes, mark_started))
-        self.batch = None
-        return batch, self.records
+        records, self.batch, self.records = self.records, None, []
+        return batch, records
 
     def _run(self, batch, index, task_bytes, mark_started):
         mark_started(batch)
