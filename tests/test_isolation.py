@@ -39,7 +39,8 @@ def outcomes(test, project):
             with open(path, "rb") as f:
                 record = pickle.load(f)
             records[record["index"]].append(record)
-        test.assertEqual({i: len(r) for i, r in records.items() if len(r) > 1}, {}, "two files for a task")
+        twice = {i: len(r) for i, r in records.items() if len(r) > 1}
+        test.assertEqual(twice, {}, "two files for a task")
         found.append({i: r[0] for i, r in records.items()})
     return found
 
@@ -125,7 +126,8 @@ class BlameTest(support.OdenTestCase):
                 return x
         """)
         project.write_hosts([project.start_worker("--slots", "1")])
-        completed = project.run("manager", "--chunksize", "5", "--task-timeout", "1", *FAST, timeout=60)
+        completed = project.run("manager", "--chunksize", "5", "--task-timeout", "1", *FAST,
+                                timeout=60)
         self.assertRan(completed, 1)
         done, errors = outcomes(self, project)
         self.assertEqual(sorted(errors), [4], [e["exception"] for e in errors.values()])
@@ -197,8 +199,8 @@ class IsolationTest(support.OdenTestCase):
         done, errors = outcomes(self, project)
         self.assertEqual({i: r["result"] for i, r in done.items()}, {0: "first", 6: "last"})
         self.assertEqual(sorted(errors), [1, 2, 3, 4, 5])
-        expected = {1: "KeyboardInterrupt", 2: "CancelledError: cancelled inside calc", 3: "GeneratorExit",
-                    4: "SystemExit: 3", 5: "BadText"}
+        expected = {1: "KeyboardInterrupt", 2: "CancelledError: cancelled inside calc",
+                    3: "GeneratorExit", 4: "SystemExit: 3", 5: "BadText"}
         for index, line in expected.items():
             record = errors[index]
             self.assertTrue(record["exception"].startswith(line), record["exception"])
@@ -276,14 +278,16 @@ class IsolationTest(support.OdenTestCase):
                 return "fine"
         """)
         project.write_hosts([project.start_worker("--slots", "1")])
-        completed = project.run("manager", "--chunksize", "1", "--task-timeout", "1", *FAST, timeout=60)
+        completed = project.run("manager", "--chunksize", "1", "--task-timeout", "1", *FAST,
+                                timeout=60)
         self.assertRan(completed, 1)
         done, errors = outcomes(self, project)
         self.assertEqual((sorted(done), sorted(errors)), ([1], [0]))
         with open(project.path("grandchild.pid")) as f:
             pid = int(f.read())
         self.addCleanup(lambda: gone(pid) or os.kill(pid, signal.SIGKILL))
-        self.assertTrue(support.wait_until(lambda: gone(pid), 5), "what the timed-out task started runs on")
+        self.assertTrue(support.wait_until(lambda: gone(pid), 5),
+                        "what the timed-out task started runs on")
 
 
 POOL_AND_SLEEP = """
@@ -317,8 +321,9 @@ class WorkerDeathTest(support.OdenTestCase):
         before = support.session_processes(session)
         self.assertGreaterEqual(len(before), 7, "worker, 2 slots, 2 pool processes, 2 sleepers")
         end_worker(worker)
-        self.assertTrue(support.wait_until(lambda: not support.session_processes(session), 2, 0.02),
-                        "left running: %s" % [support.process_stat(p) for p in support.session_processes(session)])
+        left = lambda: support.session_processes(session)
+        self.assertTrue(support.wait_until(lambda: not left(), 2, 0.02),
+                        "left running: %s" % [support.process_stat(p) for p in left()])
 
     def test_kill_9_of_the_worker_ends_its_slot_processes_within_2_s(self):
         self.check_session_ends(lambda worker: os.kill(worker.process.pid, signal.SIGKILL))
@@ -479,7 +484,8 @@ class SlotLoopTest(unittest.TestCase):
 
     def setUp(self):
         streams = sys.stdout, sys.stderr
-        self.addCleanup(lambda: setattr(sys, "stdout", streams[0]) or setattr(sys, "stderr", streams[1]))
+        self.addCleanup(setattr, sys, "stdout", streams[0])
+        self.addCleanup(setattr, sys, "stderr", streams[1])
 
     def test_one_line_never_raises(self):
         class BadText(Exception):
@@ -505,7 +511,8 @@ class SlotLoopTest(unittest.TestCase):
         self.addCleanup(state.stop_slots)
         state.start_slots()
         for run, ids in (("a", (1, 2, 3)), ("b", (1, 2))):
-            state.submit({"run": run, "batches": [(b, [(b, oden.dumps((run, b)))], None) for b in ids]})
+            batches = [(b, [(b, oden.dumps((run, b)))], None) for b in ids]
+            state.submit({"run": run, "batches": batches})
             self.assertTrue(support.wait_until(lambda: state.status()["slots_busy"] == 1, 10))
             if silent:
                 with state.lock:
@@ -528,7 +535,8 @@ class SlotLoopTest(unittest.TestCase):
                 raise RuntimeError("a bug in the slot")
             return original(slot, batch)
         self.addCleanup(state.stop_slots)
-        with unittest.mock.patch.object(oden.ThreadSlot, "send", send), self.assertLogs("oden", "ERROR") as logs:
+        patch = unittest.mock.patch.object(oden.ThreadSlot, "send", send)
+        with patch, self.assertLogs("oden", "ERROR") as logs:
             state.start_slots()
             batches = [(b, [(b, oden.dumps(b))], None) for b in (1, 2)]
             state.submit({"run": "r", "ack": [], "batches": batches})
@@ -538,7 +546,8 @@ class SlotLoopTest(unittest.TestCase):
                 found.update(reply["done"])
         self.assertEqual(sorted(found), [1, 2])
         [failed], [fine] = found[1], found[2]
-        self.assertEqual((failed["ok"], failed["exception"]), (False, "RuntimeError: a bug in the slot"))
+        self.assertEqual((failed["ok"], failed["exception"]),
+                         (False, "RuntimeError: a bug in the slot"))
         self.assertIn("Traceback", failed["error"])
         self.assertEqual(pickle.loads(fine["result"]), 4)
         self.assertIn("a bug in the slot", "\n".join(logs.output))
