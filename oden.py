@@ -32,6 +32,7 @@ its signature checks out.  Without a key a worker only listens on loopback
 """
 import argparse
 import ast
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -164,6 +165,9 @@ MAX_DEATHS = 3                      # worker deaths a task may witness before it
 GIVE_UP_AFTER = 300                 # seconds every host may be down before the manager stops
 BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
 OUTPUT_TAIL = 4000                  # characters of what calc printed kept per task
+RUN_LEASE = 180                     # seconds a silent manager run keeps its batches on a worker
+RUN_QUIET = 10                      # seconds of silence after which a run's batches queue last
+LEASE_ENV = "ODEN_RUN_LEASE"        # overrides RUN_LEASE (tests use a short lease)
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
 PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
 
@@ -493,9 +497,11 @@ class TaskOutput:
     """Stands in for sys.stdout and sys.stderr on a worker.
 
     What calc prints still reaches the worker's console, and the tail of it
-    is kept per task (per thread) to travel back with the result.
+    is kept per task (per thread) to travel back with the result.  Closing it
+    only flushes: a calc that closes sys.stdout must not close the console.
     """
     local = threading.local()
+    home = None          # the slot's (stdout, stderr, working folder): see install(), restore()
 
     def __init__(self, stream):
         self.stream = stream
@@ -506,11 +512,18 @@ class TaskOutput:
             kept.append(text)
             if len(kept) > 64:
                 kept[:] = ["".join(kept)[-OUTPUT_TAIL:]]
-        return self.stream.write(text) if self.stream else len(text)
+        if self.stream:
+            with contextlib.suppress(ValueError, OSError):   # a lost console loses text, not tasks
+                return self.stream.write(text)
+        return len(text)
 
     def flush(self):
         if self.stream:
-            self.stream.flush()
+            with contextlib.suppress(ValueError, OSError):
+                self.stream.flush()
+
+    def close(self):
+        self.flush()
 
     def __getattr__(self, attribute):
         return getattr(self.stream, attribute)
@@ -519,6 +532,24 @@ class TaskOutput:
     def install():
         if not isinstance(sys.stdout, TaskOutput):
             sys.stdout, sys.stderr = TaskOutput(sys.stdout), TaskOutput(sys.stderr)
+        TaskOutput.home = (sys.stdout, sys.stderr, os.getcwd())
+
+    @staticmethod
+    def restore():
+        """Undo what the last task did to its process: the slot's own streams and working
+        directory again.  With --threads they belong to the whole worker, so a calc that
+        changes them still affects the tasks running beside it until the next task starts."""
+        if TaskOutput.home is None:
+            return                       # `test` runs calc without a slot
+        stdout, stderr, folder = TaskOutput.home
+        sys.stdout, sys.stderr = stdout, stderr
+        try:
+            moved = os.getcwd() != folder
+        except OSError:                  # calc deleted the folder it went into
+            moved = True
+        if moved:
+            with contextlib.suppress(OSError):
+                os.chdir(folder)
 
     @staticmethod
     @contextlib.contextmanager
@@ -529,7 +560,7 @@ class TaskOutput:
         finally:
             TaskOutput.local.kept = None
             for stream in (sys.stdout, sys.stderr):     # a slot process may be killed later: keep nothing buffered
-                with contextlib.suppress(AttributeError, OSError, ValueError):
+                with contextlib.suppress(Exception):
                     stream.flush()
 
 
@@ -539,13 +570,19 @@ def error_record(index, error, exception, started=None, output=""):
 
 
 def run_task(calc, index, task_bytes):
-    """Run one task; always return a record, never raise (a crash is the slot's business)."""
+    """Run one task; always return a record, never raise (a crash is the slot's business).
+    Any BaseException from calc (SystemExit, KeyboardInterrupt, asyncio.CancelledError...)
+    is that task's error, except a Ctrl-C meant for `test`, which runs calc here."""
     started = time.time()
+    TaskOutput.restore()
     with TaskOutput.capture() as kept:
         try:
             value = calc(pickle.loads(task_bytes))
-        except (Exception, SystemExit) as e:
-            return error_record(index, traceback.format_exc(), one_line(e), started, "".join(kept)[-OUTPUT_TAIL:])
+        except BaseException as e:
+            if is_user_interrupt(e):
+                raise
+            return error_record(index, traceback_text(), one_line(e), started,
+                                "".join(kept)[-OUTPUT_TAIL:])
         try:
             result = dumps(value)
         except Exception as e:             # some Pythons say only "AttributeError: Can't get local object"
@@ -556,8 +593,28 @@ def run_task(calc, index, task_bytes):
             "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
 
 
+def is_user_interrupt(error):
+    """A Ctrl-C for this process: a KeyboardInterrupt in the main thread while Python handles
+    SIGINT.  Slot processes ignore SIGINT and slot threads never get it: there it is calc's."""
+    return (isinstance(error, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
+def traceback_text():
+    """The traceback of the exception being handled; never raises."""
+    try:
+        return traceback.format_exc()
+    except BaseException as e:
+        return "(its traceback could not be formatted: %s)\n" % one_line(e)
+
+
 def one_line(exception):
-    text = str(exception).strip().splitlines()
+    """'Name: first line of its text'; never raises, even when str() of the exception does."""
+    try:
+        text = str(exception).strip().splitlines()
+    except BaseException as e:
+        text = ["<str() failed: %s>" % type(e).__name__]
     return type(exception).__name__ + (": " + text[0] if text else "")
 
 
@@ -572,9 +629,19 @@ def printable(text):
                                   .decode("ascii"), text)
 
 
-def slot_process_main(conn, calc, position):
+def slot_process_main(conn, calc, position, lifeline):
     """Body of a slot's child process: run each batch it is sent and send back its records
-    in one message; `position` tells the parent which task of the batch runs now."""
+    in one message; `position` tells the parent which task of the batch runs now.
+
+    The child leads a process group of its own (POSIX), so that stopping the slot also
+    kills what calc started (a multiprocessing.Pool, a subprocess), and it ends with its
+    group as soon as the worker's end of `lifeline` closes: when the worker stops the
+    slot, and when the worker dies, even by SIGKILL, in the middle of a task.
+    """
+    if hasattr(os, "setpgid"):
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+    threading.Thread(target=slot_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C on the worker's console is the parent's
     TaskOutput.install()
     try:
@@ -590,14 +657,42 @@ def slot_process_main(conn, calc, position):
         pass                                           # the worker is gone: so are we
 
 
+def slot_lifeline(lifeline):
+    """In a slot's child: wait until the worker's end of the lifeline closes (only the worker
+    holds it and never writes), then end this process and its group at once."""
+    with contextlib.suppress(BaseException):
+        lifeline.recv_bytes()
+    if hasattr(os, "killpg") and os.getpgid(0) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def kill_slot_process(process):
+    """SIGKILL a slot's child and, on POSIX, its process group (what calc started).
+    Called before the child is joined: while it is unreaped no other group has its id."""
+    if hasattr(os, "killpg") and process.pid:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        process.kill()
+
+
 class Slot:
-    """A slot runs one batch at a time: send() hands it over, collect() waits for its records."""
-    batch = None                         # the batch it holds
+    """A slot runs one batch at a time in a slot thread of WorkerState.
+
+    Methods for the slot's thread: start() then ready() once; send(batch) to start a
+    batch, collect() to wait for its records; abandon() after an unexpected error.
+    stop() may come from any thread (shutdown).  A batch whose run is gone is marked
+    `cancelled`: collect() then ends it early and reports nothing more of it.
+    """
+    batch = None                         # the batch it holds, from send() to the end of collect()
+    records = ()                         # the records of that batch so far
 
     def abandon(self):
-        """After an unexpected error: forget the batch it held, and hand it back."""
+        """After an unexpected error: forget the batch it held; return it and its records so far."""
         batch, self.batch = self.batch, None
-        return batch
+        return batch, list(self.records)
 
 
 class ProcessSlot(Slot):
@@ -606,21 +701,28 @@ class ProcessSlot(Slot):
 
     A batch goes to the child in one message and its records come back in one,
     so tiny tasks do not pay a pipe round trip each.  While a batch runs, the
-    parent wakes every CHECK_EVERY s to read the shared `position` (for the
-    status page and the time limit); when the child dies or overruns, the task
-    at `position` is the culprit, and the batch's other unreported tasks run
+    parent wakes every CHECK_EVERY s (WAKE_EVERY s without a time limit) to read
+    the shared `position` (for the status page and the time limit).  When the
+    child dies, `position` still names the task it was running; when a task
+    overruns, the position read at the moment of the decision is the culprit.
+    That task alone gets an error record; the batch's other unreported tasks run
     again in a new child.
+
+    The child is not daemonic, so calc may start processes of its own; stop()
+    kills it (and its process group), and start_slots() makes sure the worker
+    never waits for one at exit.
     """
 
     # forkserver: children fork from a clean single-threaded server, so they hold
-    # no copy of the worker's sockets or locks and see EOF when the worker dies.
+    # no copy of the worker's sockets, locks or other slots' lifelines.
     context = multiprocessing.get_context(
         "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     CHECK_EVERY = 0.1
+    WAKE_EVERY = 1.0                     # also how soon a cancelled batch is noticed
 
     def __init__(self, calc):
         self.calc = calc
-        self.process = self.conn = self.position = None
+        self.process = self.conn = self.position = self.lifeline = None
         self.lock = threading.Lock()     # stop() comes from the slot's thread and from shutdown
         self.closed = False
         self.todo, self.records = [], []     # tasks of the batch not answered yet, and the records so far
@@ -630,12 +732,21 @@ class ProcessSlot(Slot):
         with self.lock:
             if self.closed:
                 return
-            self.conn, child = self.context.Pipe()
-            self.position = self.context.RawValue("l", 0)
-            self.process = self.context.Process(target=slot_process_main, args=(child, self.calc, self.position),
-                                                daemon=True)
-            self.process.start()
-            child.close()
+            conn, child = self.context.Pipe()
+            reader, writer = self.context.Pipe(duplex=False)   # lifeline: the worker alone writes
+            position = self.context.RawValue("l", 0)
+            process = self.context.Process(target=slot_process_main,
+                                           args=(child, self.calc, position, reader))
+            try:
+                process.start()
+            except BaseException:
+                conn.close()
+                writer.close()
+                raise
+            finally:
+                child.close()
+                reader.close()
+            self.conn, self.lifeline, self.position, self.process = conn, writer, position, process
 
     def ready(self, seconds=60):
         """Wait for the child's first word, so no batch waits on a process still booting."""
@@ -644,13 +755,14 @@ class ProcessSlot(Slot):
                 self.conn.recv()
 
     def stop(self, final=False):
-        """Kill the child (it restarts on the next batch), or for good with final=True."""
+        """Kill the child and its group (it restarts on the next batch), or for good (final)."""
         with self.lock:
             self.closed = self.closed or final
             if self.process is not None:
-                self.process.kill()
+                kill_slot_process(self.process)
                 self.process.join(5)
                 self.conn.close()
+                self.lifeline.close()
                 self.process = None
 
     def send(self, batch):
@@ -669,31 +781,44 @@ class ProcessSlot(Slot):
 
     def collect(self, mark_started):
         """Wait for the batch's records: (batch, records).  A crash or a time-out gives
-        its task an error record, and the batch's other unreported tasks run again."""
-        shown, since = -1, time.monotonic()
-        limit = self.batch.limit
-        while self.todo and not self.closed:          # closed: shutdown, what it held is never reported
-            position = min(self.position.value if self.position is not None else 0, len(self.todo) - 1)
-            if position != shown:
-                shown, since = position, time.monotonic()
-                mark_started(self.batch)
+        the task running at that moment an error record, and the batch's other
+        unreported tasks run again.  A cancelled batch ends at once, its child killed."""
+        batch, limit = self.batch, self.batch.limit
+        shown, since = 0, time.monotonic()          # _send_todo() has just set position 0
+        mark_started(batch)
+        while self.todo and not self.closed and not batch.cancelled:    # closed: shutdown
             try:
-                if self.conn.poll(self.CHECK_EVERY if limit else 1.0):
+                if self.conn.poll(self.CHECK_EVERY if limit else self.WAKE_EVERY):
                     self.records += self.conn.recv()
+                    self.todo = []
                     break
             except (EOFError, OSError, AttributeError):
-                if not self.closed:
-                    code = self._exit_code()
-                    self._fail(position, "its process died (exit code %s) while running this task" % code,
-                               "WorkerCrash: process died with exit code %s" % code)
-                    shown = -1
+                if self.closed or batch.cancelled:
+                    continue
+                code = self._exit_code()                # the child is dead: its position is final
+                self._fail(self._position(),
+                           "its process died (exit code %s) while running this task" % code,
+                           "WorkerCrash: process died with exit code %s" % code)
+                shown, since = 0, time.monotonic()
+                mark_started(batch)
                 continue
-            if limit and time.monotonic() - since >= limit:
+            position = self._position()                 # read after the wait: not a stale value
+            if position != shown:
+                shown, since = position, time.monotonic()
+                mark_started(batch)
+            elif limit and time.monotonic() - since >= limit:
                 self._fail(position, "timed out after %s s (its process was killed)" % limit,
                            "TimeoutError: timed out after %s s" % limit)
-                shown = -1
-        batch, self.batch = self.batch, None
-        return batch, self.records
+                shown, since = 0, time.monotonic()
+                mark_started(batch)
+        if batch.cancelled and self.todo:
+            self.stop()                                 # it may be mid-batch: a new child runs on
+        records, self.batch, self.records = self.records, None, []
+        return batch, records
+
+    def _position(self):
+        position = self.position
+        return min(position.value if position is not None else 0, len(self.todo) - 1)
 
     def _exit_code(self):
         process = self.process
@@ -717,7 +842,8 @@ class ProcessSlot(Slot):
 class ThreadSlot(Slot):
     """Runs tasks in the worker's own process (--threads): for calc that cannot
     run in a child process.  A task over its time limit is recorded as an
-    error, but its thread cannot be stopped and runs on until calc returns."""
+    error, but its thread cannot be stopped and runs on until calc returns;
+    so does the running task of a cancelled batch (its record is dropped)."""
 
     def __init__(self, calc):
         self.calc = calc
@@ -732,11 +858,16 @@ class ThreadSlot(Slot):
         pass
 
     def send(self, batch):
-        self.batch = batch
+        self.batch, self.records = batch, []
 
     def collect(self, mark_started):
-        batch, self.batch = self.batch, None
-        return batch, [self._run(batch, index, task_bytes, mark_started) for index, task_bytes in batch.items]
+        batch = self.batch
+        for index, task_bytes in batch.items:
+            if batch.cancelled:
+                break
+            self.records.append(self._run(batch, index, task_bytes, mark_started))
+        records, self.batch, self.records = self.records, None, []
+        return batch, records
 
     def _run(self, batch, index, task_bytes, mark_started):
         mark_started(batch)
@@ -758,30 +889,69 @@ class Batch:
         self.id, self.run_id, self.items, self.limit = batch_id, run_id, items, limit
         self.records = []
         self.since = None            # when its current task started (for the status page)
+        self.cancelled = False       # its run is gone: stop it, report nothing
+
+
+class RunState:
+    """One manager run's share of a worker.  Batch ids are the run's own (every run
+    counts from 1), so a batch is known by (run id, batch id)."""
+
+    def __init__(self, run_id):
+        self.id = run_id
+        self.queued = collections.deque()
+        self.running = {}            # batch id -> Batch
+        self.finished = {}           # batch id -> Batch, until the manager acks it
+        self.heard = time.monotonic()    # its last request: the lease runs from here
+        self.polls = 0               # its long polls waiting now (a run waiting is not silent)
+        self.fed = 0                 # when a slot last took one of its batches (WorkerState.feeds)
+
+    def knows(self, batch_id):
+        return (batch_id in self.running or batch_id in self.finished
+                or any(b.id == batch_id for b in self.queued))
+
+    def held(self):
+        return len(self.queued) + len(self.running) + len(self.finished)
+
+    def quiet(self, now):
+        """Silent for a while: a live manager polls every few seconds while it holds work here."""
+        return not self.polls and now - self.heard > RUN_QUIET
 
 
 class WorkerState:
-    """The worker's memory: batches queued, running and finished-but-unacked.
+    """The worker's memory: per manager run, its batches queued, running and
+    finished-but-unacked.
 
-    One lock guards everything; `work` wakes slots, `results` wakes long polls.
-    One manager run is served at a time: a submit or poll from a new run drops
-    what the old run left queued and unacked (its running tasks finish unseen).
+    Several runs share the worker (people sharing lab machines): each request
+    names its run, and is answered with that run's batches only.  A free slot
+    takes the next batch of the run with the fewest batches running (on a tie,
+    the one fed longest ago); a run silent for RUN_QUIET s (its manager killed,
+    say) comes after the others.  Capacity (busy answers) counts every run's
+    batches.  A run that says goodbye ({"bye": True} on /poll), or is not heard
+    from for `lease` seconds (RUN_LEASE), is dropped: its queued and unacked
+    batches go, its running ones are cancelled (a process slot kills its child;
+    a thread runs on, its record dropped).
+
+    `lock` guards `runs` and everything in them, the counts (`done`, `failed`,
+    `idle`, `feeds`) and `stopping`; `work` (on it) wakes slots, `results` wakes
+    long polls.  A Batch's `since` is written by its slot's thread without the
+    lock (one attribute store; the status page reads it under the lock), and
+    its `cancelled` is set under the lock and read without it by the slot's
+    thread (a late read only delays the stop by one wake-up).
     """
 
-    def __init__(self, calc, slots, threads, show_status, job_name):
+    def __init__(self, calc, slots, threads, show_status, job_name, max_body=MAX_BODY):
         self.calc, self.slots, self.threads = calc, slots, threads
-        self.show_status, self.job_name = show_status, job_name
+        self.show_status, self.job_name, self.max_body = show_status, job_name, max_body
         self.capacity = 2 * slots + WORKER_BACKLOG
+        self.lease = run_lease()
         self.boot = secrets.token_hex(6)
         self.code = None             # manifest_digest() of this worker's code, set by run_worker
         self.started = time.time()
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.results = threading.Condition(self.lock)
-        self.run_id = None
-        self.queued = collections.deque()
-        self.running = {}            # batch id -> Batch
-        self.finished = {}           # batch id -> Batch, until the manager acks it
+        self.runs = {}               # run id -> RunState
+        self.feeds = 0               # batches handed to slots so far
         self.done = self.failed = 0
         self.slot_objects = []
         self.idle = 0                # slots waiting for a batch
@@ -789,12 +959,14 @@ class WorkerState:
 
     def start_slots(self):
         self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
+        atexit.register(self.stop_slots)     # slot processes are not daemonic: never wait on one
         for slot in self.slot_objects:
             slot.start()
         for slot in self.slot_objects:       # in parallel: all were started before the first wait
             slot.ready()
         for number, slot in enumerate(self.slot_objects, 1):
             threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
+        threading.Thread(target=self._watch_leases, name="leases", daemon=True).start()
 
     def stop_slots(self):
         """Kill the slots.  What they were running is not reported as crashed: the manager
@@ -804,20 +976,44 @@ class WorkerState:
         for slot in self.slot_objects:
             slot.stop(final=True)
 
+    # -- the slots' threads ------------------------------------------------
     def _slot_loop(self, slot):
+        """Body of a slot's thread: take a batch, collect its records, report them.  No
+        exception ends it: a failure of the slot itself (calc's exceptions are records
+        already) becomes error records for the batch it held, and the loop goes on."""
         while True:
-            if slot.batch is None:
-                self._feed(slot, wait=True)
             try:
+                if slot.batch is None:
+                    self._feed(slot, wait=True)
                 batch, records = slot.collect(self._mark_started)
-            except Exception as e:
-                log.exception("slot failed; the tasks it held are recorded as errors")
-                batch = slot.abandon()
-                self._finish(batch, [error_record(index, "the worker's slot failed: %s" % one_line(e), one_line(e))
-                                     for index, _ in batch.items])
+            except BaseException:
+                self._slot_failed(slot)
                 continue
-            self._feed(slot, wait=False)     # the next batch first: the child starts it while this one is reported
-            self._finish(batch, records)
+            try:
+                self._feed(slot, wait=False)     # the next batch first: it runs during the report
+            except BaseException:
+                self._slot_failed(slot)
+            try:
+                self._finish(batch, records)
+            except BaseException:
+                log.exception("could not report a batch; its run gets its tasks back as lost")
+
+    def _slot_failed(self, slot):
+        """After an unexpected error in a slot's thread: log it with its traceback, and give
+        each task of the batch the slot held without a record an error record."""
+        error, exception = traceback_text(), one_line(sys.exc_info()[1])
+        log.error("a slot failed; the tasks it held are recorded as errors\n%s", error.rstrip())
+        try:
+            batch, records = slot.abandon()
+            if batch is not None:
+                answered = {record["index"] for record in records}
+                why = "the worker's slot failed:\n" + error
+                self._finish(batch, records + [error_record(index, why, exception)
+                                               for index, _ in batch.items
+                                               if index not in answered])
+        except BaseException:
+            log.exception("a slot failed twice")
+        time.sleep(0.1)                  # a failure that repeats must not spin
 
     def _feed(self, slot, wait):
         """Give the slot its next batch: waiting for one if `wait`, else only if the queue
@@ -825,65 +1021,103 @@ class WorkerState:
         with self.lock:
             if wait:
                 self.idle += 1
-                while not self.queued:
+                while not any(run.queued for run in self.runs.values()):
                     self.work.wait()
                 self.idle -= 1
-            elif len(self.queued) <= self.idle:
+            elif sum(len(run.queued) for run in self.runs.values()) <= self.idle:
                 return
-            batch = self.queued.popleft()
-            self.running[batch.id] = batch
+            now = time.monotonic()
+            run = min((run for run in self.runs.values() if run.queued),
+                      key=lambda r: (r.quiet(now), len(r.running), r.fed))
+            batch = run.queued.popleft()
+            run.running[batch.id] = batch
+            self.feeds += 1
+            run.fed = self.feeds
+            slot.batch = batch           # the slot holds it now: a failure in send() is reported
         slot.send(batch)
 
     def _finish(self, batch, records):
-        for record in records:
-            self._record(batch, record)
+        failed = []
         with self.lock:
-            del self.running[batch.id]
+            run = self.runs.get(batch.run_id)
+            if run is not None and run.running.get(batch.id) is batch:
+                del run.running[batch.id]
             batch.since = None
-            if batch.run_id == self.run_id and not self.stopping:
-                self.finished[batch.id] = batch
-                self.results.notify_all()
+            if run is None or batch.cancelled or self.stopping:
+                return                   # run gone, or cut off by shutdown: never reported
+            batch.records = records
+            for record in records:
+                if record["ok"]:
+                    self.done += 1
+                else:
+                    self.failed += 1
+                    failed.append(record)
+            run.finished[batch.id] = batch
+            self.results.notify_all()
+        for record in failed:
+            log.info("task %s failed: %s", record["index"], record["exception"])
 
     def _mark_started(self, batch):
         batch.since = time.time()
 
-    def _record(self, batch, record):
-        batch.records.append(record)
-        if self.stopping:
-            return                       # cut off by shutdown: never reported, not counted
-        if record["ok"]:
-            self.done += 1
-        else:
-            self.failed += 1
-            log.info("task %s failed: %s", record["index"], record["exception"])
+    # -- runs --------------------------------------------------------------
+    def _heard(self, run_id):
+        """Called with the lock held: the run's state, new if it is new; its lease starts over."""
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = RunState(run_id)
+            log.info("manager run %s joins (%d runs)", run_id, len(self.runs))
+        run.heard = time.monotonic()
+        return run
 
-    def _switch_run(self, run_id):
-        """Called with the lock held: a new manager run replaces the old one."""
-        if run_id != self.run_id:
-            if self.run_id is not None:
-                log.info("new manager run %s: dropping %d queued and %d unacked batches of the old run",
-                         run_id, len(self.queued), len(self.finished))
-            self.run_id = run_id
-            self.queued.clear()
-            self.finished.clear()
+    def _drop(self, run, why):
+        """Called with the lock held: forget a run; its running batches are cancelled."""
+        if self.runs.get(run.id) is not run:
+            return
+        del self.runs[run.id]
+        log.info("manager run %s %s: dropping %d queued, %d running and %d unacked batches",
+                 run.id, why, len(run.queued), len(run.running), len(run.finished))
+        for batch in run.running.values():
+            batch.cancelled = True
+        run.queued.clear()
+        run.running.clear()
+        run.finished.clear()
+        self.results.notify_all()        # its long polls answer now (with nothing)
 
-    def _ack(self, acked):
+    def _watch_leases(self):
+        """Drop the runs not heard from for `lease` seconds (a manager killed or cut off)."""
+        every = min(max(self.lease / 4, 0.05), 10)
+        while True:
+            time.sleep(every)
+            now = time.monotonic()
+            with self.lock:
+                if self.stopping:
+                    return
+                for run in list(self.runs.values()):
+                    if not run.polls and now - run.heard > self.lease:
+                        self._drop(run, "was not heard from for %g s" % self.lease)
+
+    @staticmethod
+    def _ack(run, acked):
         for batch_id in acked:
-            self.finished.pop(batch_id, None)
+            run.finished.pop(batch_id, None)
 
+    # -- requests (WorkerHandler's threads) --------------------------------
     def submit(self, message):
         """Queue the batches that fit; the rest come back as busy.  With a `wait`, then
         answer like poll() too: the manager's one request per round trip."""
         accepted, busy = [], []
         with self.lock:
-            self._switch_run(message["run"])
-            self._ack(message.get("ack", ()))
+            run = self._heard(message["run"])
+            self._ack(run, message.get("ack", ()))
+            held = sum(r.held() for r in self.runs.values())
             for batch_id, items, limit in message["batches"]:
-                if self._knows(batch_id):
+                if run.knows(batch_id):
                     accepted.append(batch_id)
-                elif len(self.queued) + len(self.running) + len(self.finished) < self.capacity:
-                    self.queued.append(Batch(batch_id, self.run_id, items, limit))
+                elif held < self.capacity:
+                    run.queued.append(Batch(batch_id, run.id, items, limit))
                     accepted.append(batch_id)
+                    held += 1
                 else:
                     busy.append(batch_id)
             self.work.notify(len(accepted))
@@ -892,42 +1126,53 @@ class WorkerState:
             reply.update(self.poll(message))
         return reply
 
-    def _knows(self, batch_id):
-        return (batch_id in self.running or batch_id in self.finished
-                or any(b.id == batch_id for b in self.queued))
-
     def poll(self, message):
-        """Long poll: answer as soon as a batch of this run is finished, or after `wait` seconds."""
-        deadline = time.monotonic() + min(float(message.get("wait", 0)), MAX_POLL_WAIT)
+        """Long poll: answer as soon as a batch of this run is finished, or after `wait` seconds.
+        {"bye": True} instead ends the run here: it is dropped at once."""
         with self.lock:
-            self._switch_run(message["run"])
-            self._ack(message.get("ack", ()))
-            while not self.finished and time.monotonic() < deadline:
-                self.results.wait(deadline - time.monotonic())
-            return {"done": [(b.id, b.records) for b in self.finished.values()],
-                    "active": [b.id for b in self.queued] + list(self.running),
+            if message.get("bye"):
+                run = self.runs.get(message["run"])
+                if run is not None:
+                    self._drop(run, "said goodbye")
+                return {"done": [], "active": [], "boot": self.boot}
+            deadline = time.monotonic() + min(float(message.get("wait", 0)), MAX_POLL_WAIT)
+            run = self._heard(message["run"])
+            self._ack(run, message.get("ack", ()))
+            run.polls += 1
+            try:
+                while (not run.finished and time.monotonic() < deadline
+                       and self.runs.get(run.id) is run):
+                    self.results.wait(deadline - time.monotonic())
+            finally:
+                run.polls -= 1
+                run.heard = time.monotonic()
+            return {"done": [(b.id, b.records) for b in run.finished.values()],
+                    "active": [b.id for b in run.queued] + list(run.running),
                     "boot": self.boot}
 
     def hello(self):
         return {"version": VERSION, "code": self.code, "slots": self.slots, "boot": self.boot,
-                "python": platform.python_version(), "name": self.job_name}
+                "python": platform.python_version(), "name": self.job_name,
+                "max_body": self.max_body}
 
     def others_at_work(self, run_id):
         """True while batches of a run other than `run_id` are queued or running here."""
         with self.lock:
-            return any(b.run_id != run_id for b in list(self.queued) + list(self.running.values()))
+            return any(run.id != run_id and (run.queued or run.running) for run in self.runs.values())
 
     def status(self):
         """What the status routes show: counts and ages, never tasks or results."""
         now = time.time()
         with self.lock:
-            running = sorted(now - b.since for b in self.running.values() if b.since is not None)
+            running = sorted(now - b.since for run in self.runs.values()
+                             for b in run.running.values() if b.since is not None)
             busy = self.slots - self.idle
             state = {"state": "busy" if busy else "idle", "slots": self.slots,
                      "slots_busy": busy, "slots_free": self.idle,
-                     "queued_batches": len(self.queued),
+                     "queued_batches": sum(len(run.queued) for run in self.runs.values()),
                      "running_task_ages": [round(age, 1) for age in running],
-                     "done": self.done, "failed": self.failed, "code": self.code}
+                     "done": self.done, "failed": self.failed, "runs": len(self.runs),
+                     "code": self.code}
         state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
                       "uptime": round(now - self.started, 1), "version": VERSION,
                       "python": platform.python_version(), "host": platform.node(),
@@ -935,10 +1180,22 @@ class WorkerState:
         return state
 
 
+def run_lease():
+    """Seconds a silent run keeps its batches: RUN_LEASE, or $ODEN_RUN_LEASE (for tests)."""
+    text = os.environ.get(LEASE_ENV, "")
+    try:
+        return float(text) if text else RUN_LEASE
+    except ValueError:
+        raise OdenError("$%s is %r, not a number of seconds: unset it (default %d)"
+                        % (LEASE_ENV, text, RUN_LEASE))
+
+
 def status_text(state):
-    return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, up %d s\n"
+    return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, "
+            "%d manager run%s, up %d s\n"
             % (state["version"], state["name"], state["state"], state["slots_busy"], state["slots"],
-               state["queued_batches"], state["done"], state["failed"], state["uptime"]))
+               state["queued_batches"], state["done"], state["failed"], state["runs"],
+               "" if state["runs"] == 1 else "s", state["uptime"]))
 
 
 def status_html(state, user_text):
@@ -1137,7 +1394,8 @@ def run_worker(job, args):
         except (OSError, ssl.SSLError) as e:
             raise OdenError("cannot load the certificate %s (%s): check --certfile and --keyfile"
                             % (args.certfile, getattr(e, "strerror", None) or e))
-    state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name)
+    state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name,
+                        args.max_body)
     state.code = manifest_digest(code_manifest(job.files))
     keeper = CodeKeeper(script_folder(), os.path.basename(sys.argv[0]),
                         "it was started with --no-push" if args.no_push else

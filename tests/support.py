@@ -320,3 +320,32 @@ def wait_for(predicate, seconds=60, interval=0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def process_stat(pid):
+    """(state, parent, process group, session) of a process from /proc, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def session_processes(session):
+    """Pids of the live (not zombie) processes of a session (a worker started by
+    Project.start_worker leads its own): the worker, its slot processes, theirs."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = process_stat(int(entry))
+            if stat is not None and stat[3] == session and stat[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def kill_session(session):
+    """SIGKILL every process left in a session (cleanup after a test that killed its leader)."""
+    for pid in session_processes(session):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
