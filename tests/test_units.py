@@ -123,8 +123,8 @@ class ResumeHintTest(unittest.TestCase):
         folder = tempfile.mkdtemp(prefix="oden-unit-")
         self.addCleanup(shutil.rmtree, folder, True)
         saved = sys.argv[0]
-        os.chdir(folder)                     # the hint names the script as it was typed
         self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(folder)                     # the hint names the script as it was typed
         open("my job.py", "w").close()
         sys.argv[0] = "my job.py"
         try:
