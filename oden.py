@@ -149,7 +149,8 @@ KEY_ENV = "ODEN_KEY"                # overrides the key file
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
 MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
-REQUEST_ENVELOPE = 64 * 2 ** 10     # bytes of a submit beyond its tasks' pickles (ids, acks, framing)
+REQUEST_ENVELOPE = 4096             # bytes of a submit beyond its tasks (run id, acks, framing)...
+ITEM_ENVELOPE = 32                  # ... and per task in it (its index, tuple framing)
 REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
@@ -1128,7 +1129,9 @@ class WorkerState:
 
     def poll(self, message):
         """Long poll: answer as soon as a batch of this run is finished, or after `wait` seconds.
-        {"bye": True} instead ends the run here: it is dropped at once."""
+        {"bye": True} instead ends the run here: it is dropped at once.  {"give_back": n}
+        takes up to n of its batches that no slot has started off the queue (the last queued
+        first) and answers at once: the manager moves them to a host that idles."""
         with self.lock:
             if message.get("bye"):
                 run = self.runs.get(message["run"])
@@ -1138,6 +1141,10 @@ class WorkerState:
             deadline = time.monotonic() + min(float(message.get("wait", 0)), MAX_POLL_WAIT)
             run = self._heard(message["run"])
             self._ack(run, message.get("ack", ()))
+            returned = [run.queued.pop().id for _ in range(min(int(message.get("give_back", 0)),
+                                                               len(run.queued)))]
+            if returned:
+                deadline = 0
             run.polls += 1
             try:
                 while (not run.finished and time.monotonic() < deadline
@@ -1148,6 +1155,7 @@ class WorkerState:
                 run.heard = time.monotonic()
             return {"done": [(b.id, b.records) for b in run.finished.values()],
                     "active": [b.id for b in run.queued] + list(run.running),
+                    "queued": [b.id for b in run.queued], "returned": returned,
                     "boot": self.boot}
 
     def hello(self):
@@ -1324,7 +1332,9 @@ class CodeKeeper:
 
     def hello(self, message):
         """What /hello adds: the manager's files that differ here, our script, push or not."""
-        manifest = message.get("manifest") or {}
+        manifest = message.get("manifest") if isinstance(message, dict) else None
+        if not isinstance(manifest, dict):
+            manifest = {}
         return {"stale": stale_paths(manifest, self.folder), "script": self.script,
                 "refuses_push": self.pushable}
 
@@ -1673,6 +1683,8 @@ class TaskBoard:
         self.max_attempts, self.max_deaths = max_attempts, max_deaths
         self.stopping = False
         self.total_slots = 0                     # slots of the hosts that are up (for the chunk size)
+        self.hunger = 0                          # slots of idle hosts waiting for work now
+        self.waiting = {}                        # host number -> indices queued on it, not started
 
     @property
     def finished(self):
@@ -1697,17 +1709,38 @@ class TaskBoard:
         self.copies[index] += 1
         self.sent_at[index] = time.monotonic()
 
-    def take_straggler(self):
-        """A task already running elsewhere to run a backup copy of (--speculate), or None."""
+    def take_straggler(self, min_age):
+        """A task to run a backup copy of (--speculate), or None: only at the end (nothing in
+        the queue, nothing waiting on any worker), only one that runs (not one waiting in a
+        worker's queue), has run over `min_age` s and has no backup copy yet."""
+        now = time.monotonic()
         with self.changed:
-            if self.pending or self.stopping:
+            if self.pending or self.stopping or any(self.waiting.values()):
                 return None
-            single = [i for i in self.unfinished if self.copies[i] == 1]
+            single = [i for i in self.unfinished
+                      if self.copies[i] == 1 and now - self.sent_at[i] > min_age]
             if not single:
                 return None
             index = min(single, key=self.sent_at.__getitem__)
             self._send(index)
             return index
+
+    @contextlib.contextmanager
+    def hungry(self, slots):
+        """While an idle host with `slots` free waits for work: hosts with batches waiting on
+        their worker give them back to the queue meanwhile (see HostRunner.exchange)."""
+        with self.changed:
+            self.hunger += slots
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.hunger -= slots
+
+    def note_waiting(self, host_number, indices):
+        """The tasks waiting (queued, not started) on a host's worker, as of its last answer."""
+        with self.changed:
+            self.waiting[host_number] = indices
 
     def give_back(self, indices, reason, died=False):
         """Tasks a host lost (`died`: the host died while they were on it).
@@ -1925,6 +1958,7 @@ class HostRunner:
         self.run, self.host = run, host
         self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive)
         self.in_flight = {}              # batch id -> [task indices]
+        self.waiting = []                # ids of the batches in flight that no slot has started
         self.arrived = []                # records of the last answer, written during the next request
         self.acks = []
         self.slots = 0
@@ -1994,10 +2028,11 @@ class HostRunner:
         """New batches from the board, so that the host holds slots + prefetch() of them,
         in one request no larger than the worker's --max-body."""
         batches, room = [], self.max_body - REQUEST_ENVELOPE
-        while len(self.in_flight) + len(batches) < self.slots + self.prefetch():
+        held = self.slots if self.run.board.hunger else self.slots + self.prefetch()
+        while len(self.in_flight) + len(batches) < held:      # no prefetch while hosts idle
             indices = self.run.board.take(self.chunk())
             if not indices and self.run.settings.speculate and not self.in_flight and not batches:
-                straggler = self.run.board.take_straggler()
+                straggler = self.run.board.take_straggler(2 * (self.mean_task or 0))
                 indices = [straggler] if straggler is not None else []
                 if indices:
                     log.info("%s runs a backup copy of straggler task %d", self.host.label, straggler)
@@ -2019,7 +2054,7 @@ class HostRunner:
         larger than the worker's whole limit can never go there: it is that task's error."""
         kept = []
         for position, index in enumerate(indices):
-            size = len(self.run.task_bytes[index])
+            size = len(self.run.task_bytes[index]) + ITEM_ENVELOPE
             if size > self.max_body - REQUEST_ENVELOPE:
                 self.run.board.release([index])
                 self.run.accept(self.host, [error_record(
@@ -2059,16 +2094,12 @@ class HostRunner:
     def exchange(self, batches, wait, bye=False):
         """One request: submit the new batches (if any) and wait up to `wait` s for finished
         ones; with `bye`, the worker then forgets this run and stops what it still runs of it."""
-        message = {"run": self.run.id, "ack": self._take_acks(), "wait": wait}
-        if bye:
-            message["bye"] = True
-        if batches:
-            message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], self.run.settings.task_timeout)
-                                  for b, indices in batches]
+        message = self.request(batches, wait, bye)
         reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait,
                                  meanwhile=self.save_arrived)   # the last results are written while it works
         for batch_id in reply.get("busy", ()):
             self.run.board.put_back(self.in_flight.pop(batch_id))
+        self._moved(reply.get("returned", ()))
         arrived = []
         for batch_id, records in reply["done"]:
             self.acks.append(batch_id)
@@ -2080,7 +2111,36 @@ class HostRunner:
         lost = [b for b in self.in_flight if b not in active]
         if lost and not bye:
             self._give_back(lost, "the worker lost them (did it restart?)")
+        self._note_waiting(reply.get("queued", ()))
         self._check_boot(reply["boot"])
+
+    def request(self, batches, wait, bye=False):
+        """The message of one exchange: acks, new batches, or a goodbye; and while a host
+        idles, a request to give back batches still waiting here (none when submitting: the
+        worker would give back the ones just sent)."""
+        message = {"run": self.run.id, "ack": self._take_acks(), "wait": wait}
+        if bye:
+            message["bye"] = True
+        elif not batches and self.waiting and self.run.board.hunger:
+            message["give_back"] = min(len(self.waiting), self.run.board.hunger)
+        if batches:
+            limit = self.run.settings.task_timeout
+            message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], limit)
+                                  for b, indices in batches]
+        return message
+
+    def _moved(self, batch_ids):
+        """Batches the worker gave back before a slot started them: to the queue, for a host
+        that idles (no attempt counted: nothing failed)."""
+        indices = [i for b in batch_ids if b in self.in_flight for i in self.in_flight.pop(b)]
+        if indices:
+            self.run.board.put_back(indices)
+            log.info("%s: %d waiting tasks move to idle hosts", self.host.label, len(indices))
+
+    def _note_waiting(self, batch_ids):
+        self.waiting = [b for b in batch_ids if b in self.in_flight]
+        self.run.board.note_waiting(self.host.number,
+                                    [i for b in self.waiting for i in self.in_flight[b]])
 
     def _answered(self, batch_id, records):
         """The records of a finished batch that belong to it.  A record of a task the batch
@@ -2112,7 +2172,8 @@ class HostRunner:
         """Nothing in flight and nothing to take: tell the user once, then wait for news."""
         if not self.run.board.pending:
             self.tell_finished()
-        self.run.board.wait(self.run.settings.interval_polling)
+        with self.run.board.hungry(self.slots):
+            self.run.board.wait(self.run.settings.interval_polling)
 
     def tell_finished(self):
         """handle_finish_machine, once per connection to the host."""
@@ -2145,11 +2206,20 @@ class HostRunner:
             raise HostError("the worker restarted", RESTARTED)
 
     def _give_back(self, batch_ids, reason, died=False):
-        indices = [i for b in batch_ids for i in self.in_flight.pop(b)]
-        self._fail_tasks(self.run.board.give_back(indices, reason, died))
-        if indices:
-            log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(indices), reason)
-        return indices
+        """Requeue the tasks of `batch_ids`.  Those of batches still waiting on the worker at
+        its last answer had no part in what went wrong: they go back free.  The others (that
+        ran, or whose request failed) count an attempt, and a death if `died`; returned."""
+        waiting = set(self.waiting)
+        free = [i for b in batch_ids if b in waiting for i in self.in_flight[b]]
+        charged = [i for b in batch_ids if b not in waiting for i in self.in_flight[b]]
+        for batch_id in batch_ids:
+            del self.in_flight[batch_id]
+        self.run.board.put_back(free)
+        self._fail_tasks(self.run.board.give_back(charged, reason, died))
+        if free or charged:
+            log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(free) + len(charged),
+                     reason)
+        return charged
 
     def verdict(self):
         """Right after the line broke while the worker held tasks: did it die?  True: it
@@ -2183,6 +2253,7 @@ class HostRunner:
         self.save_arrived()
         reason = str(error)
         indices = self._give_back(list(self.in_flight), reason, died=error.kind == RESTARTED or died)
+        self._note_waiting(())
         if died is None and error.kind in (GONE, TIMEOUT):
             self.suspects += indices
         if error.kind == REFUSED:

@@ -335,3 +335,29 @@ if __name__ == "__main__":
         self.assertRan(completed, 2)
         self.assertEqual(completed.output.strip().count("\n"), 0, completed.output)
         self.assertIn("task 1 cannot be pickled", completed.output)
+
+
+class TailTest(support.OdenTestCase):
+    """No task waits behind a busy or hung one while another host idles."""
+
+    def test_tasks_queued_behind_a_hung_task_move_to_idle_hosts(self):
+        project = self.project(library_code="""
+            import time
+            def make_tasks():
+                return list(range(6))
+            def calc(x):
+                while x == 3:
+                    time.sleep(0.1)          # hangs for good; no task_timeout
+                time.sleep(0.2)
+                return x
+        """)
+        workers = project.start_workers(3, "--slots", "1")
+        project.write_hosts(workers)
+        manager = Manager(project, "manager", *FAST)
+        self.assertTrue(support.wait_for(lambda: len(results(project)) == 5, 30), manager.output())
+        manager.process.send_signal(signal.SIGINT)
+        code, output = manager.finish(self, 30)
+        self.assertEqual(code, 130, output[-3000:])
+        self.assertEqual(sorted(results(project)), [0, 1, 2, 4, 5])
+        self.assertTrue(all(len(r) == 1 for r in results(project).values()))
+        self.assertEqual(summary_counts(output), (5, 0, 1))

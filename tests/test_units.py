@@ -33,7 +33,7 @@ class StubRun:
 class StubRunner(oden.HostRunner):
     def __init__(self, run, max_body=oden.MAX_BODY):
         self.run, self.host = run, oden.Host(1, "127.0.0.1", 8080)
-        self.in_flight, self.slots, self.max_body = {}, 1, max_body
+        self.in_flight, self.slots, self.max_body, self.waiting = {}, 1, max_body, []
 
 
 class BatchAnswerTest(unittest.TestCase):
@@ -57,12 +57,58 @@ class BatchAnswerTest(unittest.TestCase):
         self.assertEqual(kept, [{"index": 1}])
 
 
+class TailTest(unittest.TestCase):
+    """Batches waiting on a worker move to idle hosts; only running tasks are charged."""
+
+    def test_batches_still_waiting_on_a_dead_worker_go_back_free(self):
+        run = StubRun(list("abcd"), max_deaths=1)
+        runner = StubRunner(run)
+        taken = run.board.take(4)
+        runner.in_flight = {1: taken[:1], 2: taken[1:3], 3: taken[3:]}
+        runner._note_waiting([2, 3])
+        self.assertEqual(run.board.waiting, {1: [1, 2, 3]})
+        charged = runner._give_back([1, 2, 3], "gone", died=True)
+        self.assertEqual(charged, [0])
+        self.assertEqual([r["index"] for r in run.accepted], [0])          # its one death
+        self.assertEqual(sorted(run.board.pending), [1, 2, 3])
+        self.assertEqual(sum(run.board.attempts[i] for i in (1, 2, 3)), 0)
+
+    def test_a_worker_gives_back_waiting_batches_only_while_a_host_idles(self):
+        run = StubRun(list("abcd"))
+        runner = StubRunner(run)
+        runner.in_flight = {1: run.board.take(1), 2: run.board.take(3)}
+        runner._note_waiting([2])
+        self.assertNotIn("give_back", self.request(runner))
+        with run.board.hungry(1):
+            self.assertEqual(self.request(runner)["give_back"], 1)
+            runner._moved([2])
+            self.assertEqual(list(run.board.pending), [1, 2, 3])
+            self.assertEqual(runner.in_flight, {1: [0]})
+            self.assertEqual(run.board.take(3), [1, 2, 3])                 # for the idle host
+        self.assertEqual(sum(run.board.attempts.values()), 0)
+
+    def request(self, runner):
+        runner.acks, runner.run.id = [], "r"
+        return runner.request([], wait=0)
+
+    def test_speculation_copies_only_a_running_task_at_the_end_once(self):
+        board = oden.TaskBoard(range(3), 5, 3)
+        board.take(3)
+        board.note_waiting(1, [2])
+        self.assertIsNone(board.take_straggler(0))                        # 2 still waits: not the end
+        board.note_waiting(1, [])
+        board.sent_at[1] -= 10
+        self.assertEqual(board.take_straggler(5), 1)                       # the one running over 5 s
+        self.assertIsNone(board.take_straggler(5))                         # never a second copy
+        self.assertEqual(board.take_straggler(0), 0)
+
+
 class RequestSizeTest(unittest.TestCase):
     def test_a_task_over_the_limit_is_its_error_and_the_rest_wait_for_the_next_request(self):
         tasks = ["x" * 300, "y" * 10, "z" * 600000, "w" * 10]
         run = StubRun(tasks)
         runner = StubRunner(run, max_body=oden.REQUEST_ENVELOPE + 1000)
-        sizes = [len(b) for b in run.task_bytes]
+        sizes = [len(b) + oden.ITEM_ENVELOPE for b in run.task_bytes]
         kept, room = runner._fit(run.board.take(4), 700)
         self.assertEqual((kept, room), ([0, 1, 3], 700 - sizes[0] - sizes[1] - sizes[3]))
         [error] = run.accepted
