@@ -12,6 +12,7 @@ way), talking over loopback with a key; see bench/README.md for each case.
 import argparse
 import contextlib
 import datetime
+import glob
 import json
 import multiprocessing
 import os
@@ -117,9 +118,10 @@ def read_port(process, deadline):
     return int(match.group(1))
 
 
-def run_manager(env, hosts_path, folder, extra=(), timeout=600):
-    """Run `job.py manager` to the end; return wall seconds, in-run seconds (from its log), peak RSS, files."""
-    command = [sys.executable, JOB, "manager", "--hosts", hosts_path, "--folder", folder, "--yes", "-q",
+def run_manager(env, hosts_path, folder, extra=(), timeout=600, mode="manager"):
+    """Run `job.py manager` (or `resume`) to the end; return wall seconds, in-run seconds (from its
+    log), peak RSS, files."""
+    command = [sys.executable, JOB, mode, "--hosts", hosts_path, "--folder", folder, "--yes", "-q",
                "--name", NAME] + list(extra)
     stderr_path = os.path.join(folder, "manager.stderr")
     with open(stderr_path, "wb") as stderr:
@@ -161,9 +163,10 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 def run_seconds_from_log(folder):
     """From the manager's 'run ...: N tasks' line to its 'N done, ...' line: the run without process startup."""
-    logs = [p for p in os.listdir(folder) if p.startswith(NAME + "_") and p.endswith(".log")]
-    if len(logs) != 1:
-        raise RuntimeError("expected one manager log in %s, found %s" % (folder, logs))
+    logs = sorted(p for p in os.listdir(folder) if p.startswith(NAME + "_") and p.endswith(".log"))
+    if not logs:
+        raise RuntimeError("no manager log in %s" % folder)
+    logs = logs[-1:]                     # the newest run's (stamps sort by time)
     first = last = None
     with open(os.path.join(folder, logs[0]), errors="replace") as f:
         for line in f:
@@ -469,6 +472,66 @@ def ledger_bytes_per_task(make_tasks, small, large):
     return (held(large) - held(small)) / (large - small)
 
 
+def case5(args, root):
+    """Scale, kept: a million trivial tasks with --pack on 2 loopback workers; then `resume` of
+    the finished run (matches every task, runs none) and `results --summary`."""
+    n = args.million
+    env = bench_env("trivial", n)
+    out = {"tasks": n}
+    with Workers(env, 2, max(1, CORES // 2), log_path=os.path.join(root, "workers.log")) as workers:
+        with Scratch(root) as folder:
+            hosts = workers.hosts_file(folder)
+            run = run_manager(env, hosts, folder, ["--pack"], timeout=1200)
+            run["manager_bytes_per_task"] = run["peak_rss_mb"] * 2 ** 20 / n
+            out["run"] = run
+            out["resume"] = run_manager(env, hosts, folder, ["--pack"], timeout=1200, mode="resume")
+            started = time.perf_counter()
+            summary = subprocess.run([sys.executable, JOB, "results", "--summary", "--folder", folder,
+                                      "--name", NAME], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, timeout=1200)
+            out["results_summary_s"] = time.perf_counter() - started
+            if summary.returncode != 0 or ("%d done" % n) not in summary.stdout.decode():
+                raise RuntimeError("results --summary: %s" % summary.stdout.decode()[-500:])
+    out["ledger_bytes_per_task"] = 54.0        # the task list itself: list(range(n)), see case 4
+    return out
+
+
+def case6(args, root):
+    """Back-to-back runs: an empty run (every task already done) right after another, and the
+    time from starting the manager to its first task sent, on loopback."""
+    env = bench_env("trivial", 20)
+    out = {}
+    with Workers(env, 1, 1, threads=True, log_path=os.path.join(root, "workers.log")) as workers:
+        with Scratch(root) as folder:
+            hosts = workers.hosts_file(folder)
+            run_manager(env, hosts, folder)
+            empties, firsts = [], []
+            for _ in range(args.repeats):
+                empties.append(run_manager(env, hosts, folder, mode="resume")["wall_s"])
+                started = time.time()
+                run_manager(env, hosts, folder)
+                firsts.append(first_task_started(folder) - started)
+    out["empty_run_after_another_s"] = spread(empties)
+    out["start_to_first_task_s"] = spread(firsts)
+    return out
+
+
+def first_task_started(folder):
+    """When the newest run's first task started (Unix time), from its result records."""
+    paths = sorted(glob.glob(os.path.join(folder, NAME + "*.done.pickle")), key=os.path.getmtime)
+    stamp = re.search(r"_(\d{8}-\d{6}(?:-\d+)?)_", os.path.basename(paths[-1])).group(1)
+    started = []
+    for path in paths:
+        if "_%s_" % stamp in path:
+            with open(path, "rb") as f:
+                started.append(pickle.load(f)["started"])
+    return min(started)
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
 # ---------------------------------------------------------------- report
 
 def verdicts(cases):
@@ -522,6 +585,22 @@ def verdicts(cases):
         rows.append(("", "same, %d B results, %d hosts" % (f["result_bytes"], f["endpoints"]),
                      "%.0f" % f["rss_bytes_per_extra_task"], "",
                      "< ledger %.0f B + %d B / 2" % (f["ledger_bytes_per_task"], f["result_bytes"]), f["is_flat"]))
+    c = cases.get("5")
+    if c:
+        r = c["run"]
+        rows.append(("5 %d trivial tasks" % c["tasks"], "run s / manager B per task",
+                     "%.1f / %.0f" % (r["run_s"], r["manager_bytes_per_task"]), "",
+                     "about 7.5 s / 400 B", None))
+        rows.append(("  --pack, 2 workers", "resume s / results --summary s",
+                     "%.1f / %.1f" % (c["resume"]["wall_s"], c["results_summary_s"]), "",
+                     "about 3.7 / 1.3 s", None))
+    c = cases.get("6")
+    if c:
+        e, f = c["empty_run_after_another_s"], c["start_to_first_task_s"]
+        rows.append(("6 back-to-back runs", "empty run after another, s", "%.2f (%.2f-%.2f)" % (
+            e["median"], e["min"], e["max"]), "", "< 0.86 s (was)", e["max"] < 0.86))
+        rows.append(("", "manager start to first task, s", "%.3f (%.3f-%.3f)" % (
+            f["median"], f["min"], f["max"]), "", "<= 0.1 s on loopback", f["median"] <= 0.1))
     return rows
 
 
@@ -536,9 +615,10 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="oden against multiprocessing.Pool on this machine")
     parser.add_argument("--quick", action="store_true", help="smaller counts (about 30 s)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where to write the figures")
-    parser.add_argument("--cases", default="0,1,2,3,4", help="comma-separated cases to run (default all)")
+    parser.add_argument("--cases", default="0,1,2,3,4,5,6", help="comma-separated cases to run (default all)")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.million = 100000 if args.quick else 1000000
     if args.quick:
         args.rounds, args.trivial_tasks, args.sleep_tasks, args.cpu_tasks = 100, 4000, 400, 20
         args.endpoints, args.scale_tasks, args.flat_tasks, args.repeats = 50, (2000, 10000), (2000, 10000), 2
@@ -550,10 +630,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    functions = {"0": case0, "1": case1, "2": case2, "3": case3, "4": case4}
+    functions = {"0": case0, "1": case1, "2": case2, "3": case3, "4": case4, "5": case5, "6": case6}
     unknown = [c for c in args.cases if c not in functions]
     if unknown:
-        sys.exit("unknown cases %s: pick from 0-4" % unknown)
+        sys.exit("unknown cases %s: pick from 0-6" % unknown)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # unwind, so every worker started is stopped
     root = tempfile.mkdtemp(prefix="oden-bench-")
     report = {"machine": {"cores": CORES, "python": platform.python_version(), "platform": platform.platform(),
