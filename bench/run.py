@@ -81,13 +81,15 @@ class Workers:
         return path
 
     def stop(self):
+        """Stop every worker; `peak_rss_mb` then holds each one's peak RSS (os.wait4)."""
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
+        self.peak_rss_mb = []
         for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(RuntimeError):
+                self.peak_rss_mb.append(wait_with_usage(process, 15)[1].ru_maxrss / 1024.0)
+            if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(15)
             process.stdout.close()
@@ -528,6 +530,24 @@ def first_task_started(folder):
     return min(started)
 
 
+def case7(args, root):
+    """Big payloads: distinct tasks of BIG_TASK bytes with BIG_RESULT-byte results on 2 workers
+    of 1 slot: the manager's peak RSS against the tasks' total, and each worker's."""
+    n, size = args.big_tasks, BIG_TASK
+    env = bench_env("big", n, ODEN_BENCH_SIZE=size, ODEN_BENCH_RESULT=BIG_RESULT)
+    out = {"tasks": n, "task_mb": size / 2 ** 20, "result_mb": BIG_RESULT / 2 ** 20}
+    with Workers(env, 2, 1, log_path=os.path.join(root, "workers.log")) as workers:
+        with Scratch(root) as folder:
+            out["run"] = run_manager(env, workers.hosts_file(folder), folder, timeout=600)
+    out["tasks_total_mb"] = n * size / 2 ** 20
+    out["manager_peak_over_tasks"] = out["run"]["peak_rss_mb"] / out["tasks_total_mb"]
+    out["worker_peak_rss_mb"] = workers.peak_rss_mb
+    return out
+
+
+BIG_TASK, BIG_RESULT = 40 * 2 ** 20, 2 ** 20
+
+
 def spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
@@ -601,6 +621,15 @@ def verdicts(cases):
             e["median"], e["min"], e["max"]), "", "< 0.86 s (was)", e["max"] < 0.86))
         rows.append(("", "manager start to first task, s", "%.3f (%.3f-%.3f)" % (
             f["median"], f["min"], f["max"]), "", "<= 0.1 s on loopback", f["median"] <= 0.1))
+    c = cases.get("7")
+    if c:
+        rows.append(("7 %d tasks of %.0f MiB" % (c["tasks"], c["task_mb"]), "manager peak MB / tasks' MB",
+                     "%.0f / %.0f = %.2fx" % (c["run"]["peak_rss_mb"], c["tasks_total_mb"],
+                                             c["manager_peak_over_tasks"]), "", "<= 1.5x",
+                     c["manager_peak_over_tasks"] <= 1.5))
+        rows.append(("  %.0f MiB results, 2 workers" % c["result_mb"], "worker peak MB",
+                     " / ".join("%.0f" % m for m in c["worker_peak_rss_mb"]), "",
+                     "<= 2x what it holds", None))
     return rows
 
 
@@ -615,10 +644,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="oden against multiprocessing.Pool on this machine")
     parser.add_argument("--quick", action="store_true", help="smaller counts (about 30 s)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where to write the figures")
-    parser.add_argument("--cases", default="0,1,2,3,4,5,6", help="comma-separated cases to run (default all)")
+    parser.add_argument("--cases", default="0,1,2,3,4,5,6,7", help="comma-separated cases to run (default all)")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.million = 100000 if args.quick else 1000000
+    args.big_tasks = 6
     if args.quick:
         args.rounds, args.trivial_tasks, args.sleep_tasks, args.cpu_tasks = 100, 4000, 400, 20
         args.endpoints, args.scale_tasks, args.flat_tasks, args.repeats = 50, (2000, 10000), (2000, 10000), 2
@@ -630,10 +660,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    functions = {"0": case0, "1": case1, "2": case2, "3": case3, "4": case4, "5": case5, "6": case6}
+    functions = {"0": case0, "1": case1, "2": case2, "3": case3, "4": case4, "5": case5, "6": case6,
+                 "7": case7}
     unknown = [c for c in args.cases if c not in functions]
     if unknown:
-        sys.exit("unknown cases %s: pick from 0-6" % unknown)
+        sys.exit("unknown cases %s: pick from 0-7" % unknown)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # unwind, so every worker started is stopped
     root = tempfile.mkdtemp(prefix="oden-bench-")
     report = {"machine": {"cores": CORES, "python": platform.python_version(), "platform": platform.platform(),
