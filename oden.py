@@ -149,6 +149,8 @@ KEY_ENV = "ODEN_KEY"                # overrides the key file
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
 MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
+REQUEST_BYTES = 32 * 2 ** 20        # bytes of tasks past which a request takes no further batch
+PREFETCH_BYTES = 16 * 2 ** 20       # batches beyond a host's slots only while they are smaller
 REQUEST_ENVELOPE = 4096             # bytes of a submit beyond its tasks (run id, acks, framing)...
 ITEM_ENVELOPE = 32                  # ... and per task in it (its index, tuple framing)
 REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
@@ -2026,7 +2028,8 @@ class HostRunner:
 
     def take_batches(self):
         """New batches from the board, so that the host holds slots + prefetch() of them,
-        in one request no larger than the worker's --max-body."""
+        in one request no larger than the worker's --max-body and, past its first batch, than
+        REQUEST_BYTES (a request is a copy of its tasks in the manager's memory)."""
         batches, room = [], self.max_body - REQUEST_ENVELOPE
         held = self.slots if self.run.board.hunger else self.slots + self.prefetch()
         while len(self.in_flight) + len(batches) < held:      # no prefetch while hosts idle
@@ -2041,7 +2044,7 @@ class HostRunner:
             indices, room = self._fit(indices, room)
             if indices:
                 batches.append((self.run.new_batch_id(), indices))
-            if room <= 0:
+            if room <= 0 or self.max_body - REQUEST_ENVELOPE - room >= REQUEST_BYTES:
                 break
         for batch_id, indices in batches:
             self.in_flight[batch_id] = indices
@@ -2073,7 +2076,10 @@ class HostRunner:
     def prefetch(self):
         """Batches a host holds beyond its slots: one per slot, so a slot that ends finds
         its next batch there even when all end together; more while batches are very short,
-        one when they are long (at the end of a run a held batch waits while others idle)."""
+        one when they are long (at the end of a run a held batch waits while others idle),
+        none when they are big (PREFETCH_BYTES: a held batch costs the worker its memory)."""
+        if self.run.mean_task_bytes * self.chunk() > PREFETCH_BYTES:
+            return 0
         batch = None if self.mean_task is None else self.mean_task * self.chunk()
         if batch is not None and batch < SHORT_BATCH:
             return max(self.slots, PREFETCH_SHORT)
@@ -2150,7 +2156,7 @@ class HostRunner:
         when claimed.)"""
         indices = self.in_flight.pop(batch_id, None)
         if indices is None:
-            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.tasks)]
+            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.task_bytes)]
         held = set(indices)
         kept = [r for r in records if r.get("index") in held]
         unanswered = held - {r["index"] for r in kept}
@@ -2533,15 +2539,16 @@ def load_results(name=None, folder=".", errors=False):
 class Run:
     """Everything one manager run shares between its host threads."""
 
-    def __init__(self, job, settings, tasks, task_bytes, indices, hosts, key, tls, stamp, resume_hint):
-        self.job, self.settings, self.tasks, self.hosts, self.tls = job, settings, tasks, hosts, tls
+    def __init__(self, job, settings, task_bytes, indices, hosts, key, tls, stamp, resume_hint):
+        self.job, self.settings, self.hosts, self.tls = job, settings, hosts, tls
         self.id = secrets.token_hex(6)
         self.stamp = stamp               # from claim_stamp(): in every file name of this run
         self.resume_hint = resume_hint   # the shell command that finishes this run
         self.key = key                   # each HostClient signs with a Codec (a session) of its own
         self.manifest = code_manifest(job.files)   # {relative path: sha256}: see "The code of a run"
         self.code = manifest_digest(self.manifest)
-        self.task_bytes = task_bytes
+        self.task_bytes = task_bytes     # index -> the task pickled: the manager's only copy of it
+        self.mean_task_bytes = sum(len(task_bytes[i]) for i in indices) / max(1, len(indices))
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
         self.fleet = Fleet(hosts)
         self.lock = threading.Lock()
@@ -2631,7 +2638,8 @@ class Run:
     def _contents(self, host, record):
         """The dict a result file holds (see README.md "Result files")."""
         index = record["index"]
-        contents = {"name": self.settings.name, "index": index, "task": self.tasks[index], "host": host.label,
+        contents = {"name": self.settings.name, "index": index, "task": pickle.loads(self.task_bytes[index]),
+                    "host": host.label,
                     "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
         if not record["ok"]:
             contents.update(error=record["error"], exception=record["exception"])
@@ -2716,12 +2724,15 @@ class ResultWriter(threading.Thread):
                     log.exception("the result writer failed on %d results", len(fresh))
 
 
-def pickle_tasks(tasks):
-    """Pickle every task before anything is sent; name the first that cannot travel."""
+def pickle_tasks(tasks, consume=False):
+    """Pickle every task before anything is sent; name the first that cannot travel.  With
+    `consume`, each task leaves the list once pickled, so that big tasks are not held twice."""
     pickled = []
     for index, task in enumerate(tasks):
         try:
             pickled.append(dumps(task))
+            if consume:
+                tasks[index] = None
         except Exception as e:
             raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as numbers, strings, "
                             "tuples, lists and dicts, not lambdas or open files" % (index, one_line(e)))
@@ -2862,7 +2873,6 @@ def run_manager(job, settings, resume, argv, stamp=None):
     log_path = os.path.join(folder, log_file_name(name, stamp))
     setup_logging(settings.verbose, settings.quiet, log_path)
     tasks = user_tasks(job, log_path)
-    task_bytes = pickle_tasks(tasks)
     key = None if settings.insecure else load_or_create_key(settings.key_file)
     if resume:
         removed = remove_temporaries(folder, name)
@@ -2878,7 +2888,8 @@ def run_manager(job, settings, resume, argv, stamp=None):
     if tls:
         for host in hosts:
             host.scheme = "https"
-    run = Run(job, settings, tasks, task_bytes, indices, hosts, key, tls, stamp, hint)
+    task_bytes = pickle_tasks(tasks, consume=True)    # the pickles stand for the tasks from here on
+    run = Run(job, settings, task_bytes, indices, hosts, key, tls, stamp, hint)
     log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
     return drive(run)
 
