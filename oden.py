@@ -985,7 +985,9 @@ class Connections:
         with self.lock:
             connection = self.open.get(sock)
             if connection is not None:
-                connection.phase, connection.deadline, connection.since = phase, deadline, time.monotonic()
+                if phase != connection.phase:    # idle since accepted, or since its last answer
+                    connection.since = time.monotonic()
+                connection.phase, connection.deadline = phase, deadline
 
     def forget(self, sock):
         with self.lock:
@@ -1512,7 +1514,7 @@ def http_request(connection, method, path, body, headers, seconds, limit, hint, 
     except (OSError, http.client.HTTPException):
         if WATCHDOG.disarm(watch):
             raise HostError("no whole answer within %g s (--timeout): it answers too slowly, or that port "
-                            "is not an oden worker" % seconds) from None
+                            "is not an oden worker" % round(seconds, 1)) from None
         raise
     except BaseException:
         WATCHDOG.disarm(watch)
