@@ -23,10 +23,14 @@ How the parts fit::
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
-receive.  Every POST body is signed with HMAC-SHA256 under a shared key
-(``oden.key`` next to this file, or $ODEN_KEY) and nothing is unpickled before
-its signature checks out.  Without a key a worker only listens on loopback
-(or with ``--insecure``).  The key does not encrypt: use ``--certfile`` and
+receive.  Every POST is signed with HMAC-SHA256 under a shared key
+(``oden.key`` next to this file, or $ODEN_KEY): a worker checks the signed head
+before it reads the body, and nothing is unpickled before its signature checks
+out.  Without a key a worker starts only with ``--insecure``, and no worker
+serves a POST from a web browser.  Connections, threads, bodies read at once,
+request times and refusal log lines are bounded on the worker, and each
+request's time and answer size on the manager: see README.md "Security".
+The key does not encrypt: use ``--certfile`` and
 ``--cafile`` (TLS) when tasks or results are confidential.  The status pages
 (GET) need no key and show counts and ages only, never tasks or results.
 """
@@ -240,8 +244,10 @@ class Codec:
         if self.key is None:
             return body, {AUTH_HEADER: UNSIGNED}, None
         fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
-        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), str(len(body)).encode())
-        return body, {AUTH_HEADER: " ".join([AUTH_VERSION] + fields + [mac])}, (self.session, counter)
+        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields),
+                   str(len(body)).encode())
+        header = " ".join([AUTH_VERSION] + fields + [mac])
+        return body, {AUTH_HEADER: header}, (self.session, counter)
 
     def open_reply(self, ticket, status, header, body):
         if self.key is not None:
@@ -260,11 +266,12 @@ class Codec:
         ticket that open_body() and seal_reply() take, or raise AuthError."""
         if self.key is None:
             if not header:       # a custom header: no browser sends one cross-site without asking
-                raise AuthError(401, "missing %s header: not a request from an oden manager" % AUTH_HEADER)
+                raise AuthError(401, "missing %s header: not a request from an oden manager"
+                                % AUTH_HEADER)
             return None
         parts = (header or "").split(" ")
         if parts[0] == "v1":
-            raise AuthError(401, "the manager runs an older oden.py: copy the project to both again")
+            raise AuthError(401, "the manager runs an older oden.py: copy the project to both")
         if len(parts) != 7 or parts[0] != AUTH_VERSION or not parts[2].isdigit():
             raise AuthError(401, "missing or malformed %s header: the sender has no key" % AUTH_HEADER)
         _, session, counter, stamp, their_boot, digest, mac = parts
@@ -274,8 +281,8 @@ class Codec:
             raise AuthError(403, "bad signature: wrong key or altered message")
         skew = time.time() - int(stamp) if stamp.isdigit() else float("inf")
         if abs(skew) > MAX_CLOCK_SKEW:
-            raise AuthError(403, "stale request: the worker's clock is %.0f s %s the manager's (at most %d s "
-                                 "allowed): set both clocks right, e.g. with NTP"
+            raise AuthError(403, "stale request: the worker's clock is %.0f s %s the manager's "
+                                 "(at most %d s allowed): set both clocks right, e.g. with NTP"
                             % (abs(skew), "ahead of" if skew > 0 else "behind", MAX_CLOCK_SKEW))
         # A /hello names no boot id, so one captured on the wire is accepted by any worker with
         # this key for MAX_CLOCK_SKEW s.  That is harmless: /hello changes nothing and tells only
@@ -283,7 +290,7 @@ class Codec:
         # boot id opens nothing without the key.  Every other route is bound to one worker run.
         if path != "/hello" and their_boot != boot:
             raise AuthError(409, "request was meant for an earlier run of this worker")
-        self._check_fresh(session, int(counter))     # before the body is read: one read per signed head
+        self._check_fresh(session, int(counter))    # before the body is read: one per signed head
         return session, counter, digest
 
     def open_body(self, ticket, body):
@@ -338,8 +345,8 @@ def load_key(key_file=None):
         raise OdenError("key file %s is shorter than 16 characters: delete it and run "
                         "'python3 oden.py init'" % path)
     if os.name == "posix" and mode & 0o077:
-        log.warning("key file %s can be read by other users (mode %04o): whoever reads it can run code "
-                    "on every worker; run 'chmod 600 %s'", path, mode & 0o777, path)
+        log.warning("key file %s can be read by other users (mode %04o): whoever reads it can run "
+                    "code on every worker; run 'chmod 600 %s'", path, mode & 0o777, path)
     warn_weak_key(key, "key file %s" % path, "after deleting %s" % path)
     return key
 
@@ -463,7 +470,7 @@ def peer_text(text, limit=200):
     text = str(text)[:4 * limit + 4].strip()      # an escape is at most 10 characters for 1
     shown, size = [], 0
     for character in text:
-        piece = character if character.isprintable() else character.encode("unicode_escape").decode()
+        piece = character if character.isprintable() else ascii(character)[1:-1]
         if size + len(piece) > limit:
             return "".join(shown) + "..."
         shown.append(piece)
@@ -860,7 +867,7 @@ class Refusals:
     def __init__(self, every=REFUSAL_LOG_EVERY):
         self.every = every
         self.lock = threading.Lock()
-        self.sources = collections.OrderedDict()     # source -> [period start, refusals since, latest line]
+        self.sources = collections.OrderedDict()    # source -> [period start, count, latest line]
 
     def note(self, source, line):
         with self.lock:
@@ -969,15 +976,16 @@ class Connections:
                 else:
                     self._cut(victim)
                     refused = False
-                    self.refusals.note(victim.address, "closed a%s connection from %s to make room: %d "
-                                       "are open, the limit (--max-connections)"
-                                       % ("n idle" if victim.phase == self.IDLE else " slow", victim.address,
-                                          live))
+                    kind = "an idle" if victim.phase == self.IDLE else "a slow"
+                    self.refusals.note(victim.address, "closed %s connection from %s to make room: "
+                                       "%d are open, the limit (--max-connections)"
+                                       % (kind, victim.address, live))
                 if refused:
-                    self.refusals.note(address, "refused a connection from %s: all %d connections are "
-                                       "serving signed requests" % (address, live))
+                    self.refusals.note(address, "refused a connection from %s: all %d connections "
+                                       "are serving signed requests" % (address, live))
                     return False
-            self.open[sock] = Connection(sock, address, self.IDLE, time.monotonic() + self.request_timeout)
+            deadline = time.monotonic() + self.request_timeout
+            self.open[sock] = Connection(sock, address, self.IDLE, deadline)
             return True
 
     def move(self, sock, phase, deadline=None):
@@ -996,7 +1004,8 @@ class Connections:
     def reap(self, now):
         """Cut the connections past their deadline."""
         with self.lock:
-            late = [c for c in self.open.values() if not c.cut and c.deadline is not None and c.deadline < now]
+            late = [c for c in self.open.values()
+                    if not c.cut and c.deadline is not None and c.deadline < now]
             for connection in late:
                 self._cut(connection)
         for connection in late:
@@ -1012,12 +1021,13 @@ class Connections:
         """accept() failed for want of descriptors: admit fewer from now on, and close one."""
         with self.lock:
             live = sum(1 for c in self.open.values() if not c.cut)
-            self.limit = max(8, min(self.limit, live - 8))
+            if live > 16:                # else something other than connections holds them
+                self.limit = min(self.limit, live - 8)
             victim = self._victim()
             if victim is not None:
                 self._cut(victim)
-        self.refusals.note("accept", "cannot accept connections (%s) with %d open: serving at most %d from "
-                           "now on; raise the open-file limit (ulimit -n) for more"
+        self.refusals.note("accept", "cannot accept connections (%s) with %d open: serving at most "
+                           "%d from now on; raise the open-file limit (ulimit -n) for more"
                            % (error.strerror or error, live, self.limit))
 
     def _victim(self):
@@ -1034,7 +1044,7 @@ class Connections:
     def _cut(connection):
         connection.cut = True
         with contextlib.suppress(OSError):
-            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)   # the plain socket's, also under TLS
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)    # not SSLSocket's
 
 
 class HeadReader:
@@ -1119,7 +1129,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
             return self._fail(400, "malformed message: %s" % one_line(e))
         finally:
-            body = None
+            body = None                  # gone before the route runs: its room is free again
             room.give(length)
         try:
             reply = route(state, message)
@@ -1136,11 +1146,14 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         served from a name that the attacker points at this machine (DNS rebinding) is
         caught by its Host header, which a worker without a key checks too."""
         origin = self.headers.get("Origin")
-        if origin is not None or any(name.lower().startswith("sec-fetch-") for name in self.headers.keys()):
-            return "a web browser's request (Origin: %s): only an oden manager may POST" % peer_text(origin, 80)
-        if self.server.codec.key is None and not self.server.is_own_host(self.headers.get("Host")):
-            return ("Host %s is not this worker's address: put its IP address or host name in hosts.txt"
-                    % peer_text(self.headers.get("Host"), 80))
+        fetch = [name for name in self.headers.keys() if name.lower().startswith("sec-fetch-")]
+        if origin is not None or fetch:
+            return ("a web browser's request (Origin: %s): only an oden manager may POST"
+                    % peer_text(origin, 80))
+        host = self.headers.get("Host")
+        if self.server.codec.key is None and not self.server.is_own_host(host):
+            return ("Host %s is not this worker's address: put its IP address or host name in "
+                    "hosts.txt" % peer_text(host, 80))
         return None
 
     def _content_length(self):
@@ -1151,7 +1164,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             return None
         if len(length) > 15 or int(length) > self.server.max_body:
             shown = length if len(length) <= 15 else "a %d-digit number of" % len(length)
-            self._refuse(413, "body of %s bytes is over the limit of %d (--max-body)" % (shown, self.server.max_body))
+            self._refuse(413, "body of %s bytes is over the limit of %d (--max-body)"
+                         % (shown, self.server.max_body))
             return None
         return int(length)
 
@@ -1235,7 +1249,8 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         self.refusals = Refusals()
         self.connections = Connections(max_connections, request_timeout, self.refusals)
         self.room = BodyRoom(2 * max_body)
-        names = {"localhost", socket.gethostname().lower(), platform.node().lower(), address[0].lower()}
+        names = {"localhost", socket.gethostname().lower(), platform.node().lower(),
+                 address[0].lower()}
         self.names = names | {name.split(".")[0] for name in names}     # for is_own_host
         self.backoff = ACCEPT_BACKOFF[0]
         self.next_check = 0.0
@@ -1306,9 +1321,9 @@ def connection_limit(wanted, slots):
 def run_worker(job, args):
     key = load_key(args.key_file)
     if key is None and not args.insecure:
-        raise OdenError("no key: refusing to start without one (any web page could run code here). Run "
-                        "'python3 oden.py init' on your PC and copy %s here (or set $%s), or pass --insecure "
-                        "on a network you trust" % (KEY_FILE, KEY_ENV))
+        raise OdenError("no key: refusing to start without one (any web page could run code "
+                        "here). Run 'python3 oden.py init' on your PC and copy %s here (or set "
+                        "$%s), or pass --insecure on a network you trust" % (KEY_FILE, KEY_ENV))
     if key is None:
         log.warning("no key (%s or $%s): anyone who can reach this port can run code here", KEY_FILE, KEY_ENV)
     tls = None
@@ -1323,11 +1338,11 @@ def run_worker(job, args):
     state.start_slots()
     limit = connection_limit(args.max_connections, 0 if args.threads else args.slots)
     if limit < args.max_connections:
-        log.warning("the open-file limit (ulimit -n) leaves room for %d connections at once: raise it "
-                    "(e.g. 'ulimit -n 4096') before starting the worker for more", limit)
+        log.warning("the open-file limit (ulimit -n) leaves room for %d connections at once: "
+                    "raise it (e.g. 'ulimit -n 4096') before starting the worker for more", limit)
     try:
-        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status, args.max_body, tls,
-                              limit, args.request_timeout)
+        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status,
+                              args.max_body, tls, limit, args.request_timeout)
     except OSError as e:
         state.stop_slots()
         raise OdenError("cannot listen on %s:%s (%s): pick another --port or stop what uses it"
@@ -1513,14 +1528,14 @@ def http_request(connection, method, path, body, headers, seconds, limit, hint, 
         data = read_answer(response, limit, hint)
     except (OSError, http.client.HTTPException):
         if WATCHDOG.disarm(watch):
-            raise HostError("no whole answer within %g s (--timeout): it answers too slowly, or that port "
-                            "is not an oden worker" % round(seconds, 1)) from None
+            raise HostError("no whole answer within %g s (--timeout): it answers too slowly, or "
+                            "that port is not an oden worker" % round(seconds, 1)) from None
         raise
     except BaseException:
         WATCHDOG.disarm(watch)
         raise
     if WATCHDOG.disarm(watch):
-        connection.close()               # cut as the answer was complete: keep it, not the connection
+        connection.close()               # cut as the answer came: keep it, not the connection
     return response, data
 
 
@@ -1530,7 +1545,8 @@ def read_answer(response, limit, hint):
         return response.read(SMALL_REPLY)            # its text is shown cut to one line anyway
     if response.length is not None:
         if response.length > limit:
-            raise HostError("its answer of %d bytes is over the limit of %d: %s" % (response.length, limit, hint))
+            raise HostError("its answer of %d bytes is over the limit of %d: %s"
+                            % (response.length, limit, hint))
         return response.read()
     chunks, size = [], 0                             # no length given: read until it ends
     while size <= limit:
@@ -1555,7 +1571,7 @@ class Watchdog:
 
     def __init__(self):
         self.changed = threading.Condition()
-        self.armed = {}              # token -> [deadline or None while paused, connection, cut, seconds left]
+        self.armed = {}              # token -> [deadline (None: paused), connection, cut, s left]
         self.tokens = 0
         self.thread = None
 
@@ -1770,8 +1786,8 @@ class HostRunner:
 
     def __init__(self, run, host):
         self.run, self.host = run, host
-        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive,
-                                 run.settings.max_reply)
+        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls,
+                                 run.settings.keepalive, run.settings.max_reply)
         self.in_flight = {}              # batch id -> [task indices]
         self.arrived = []                # records of the last answer, written during the next request
         self.acks = []
@@ -2580,12 +2596,13 @@ def client_tls(cafile):
 
 
 def fetch_status(host, request_timeout, tls=None):
-    """One host's /status.json, or {"error": reason}, within request_timeout whatever the host does."""
+    """One host's /status.json, or {"error": reason}, within request_timeout whatever it does."""
     connection = (http.client.HTTPSConnection(host.address, host.port, context=tls) if tls
                   else http.client.HTTPConnection(host.address, host.port))
     try:
-        response, data = http_request(connection, "GET", "/status.json", None, {"Connection": "close"},
-                                      request_timeout, SMALL_REPLY, "not an oden worker")
+        response, data = http_request(connection, "GET", "/status.json", None,
+                                      {"Connection": "close"}, request_timeout, SMALL_REPLY,
+                                      "not an oden worker")
     except HostError as e:
         return {"error": str(e)}
     except (OSError, http.client.HTTPException) as e:
@@ -2772,9 +2789,11 @@ def build_parser(job):
         p.add_argument("--pack", action="store_true", help="write the successes that arrive together into one "
                        ".pack.pickle file (a list of records): for very many small tasks")
         p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
-        p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection for every request")
+        p.add_argument("--no-keepalive", dest="keepalive", action="store_false",
+                       help="a new connection for every request")
         p.add_argument("--max-reply", type=positive_int, default=MAX_REPLY,
-                       help="largest answer from a worker in bytes; raise it for huge results (default %(default)s)")
+                       help="largest answer from a worker in bytes; raise it for huge results "
+                            "(default %(default)s)")
         p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
         p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
         p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
@@ -2796,12 +2815,13 @@ def build_parser(job):
                    help="connections served at once; idle ones close first (default %(default)s, "
                         "fewer at a low open-file limit)")
     p.add_argument("--request-timeout", type=positive_float, default=REQUEST_READ_TIMEOUT,
-                   help="seconds a client has for a whole request head, and beyond size / %d bytes/s "
-                        "for a body or a reply (default %%(default)s)" % SLOWEST_RATE)
+                   help="seconds a client has for a whole request head, and beyond size / %d "
+                        "bytes/s for a body or a reply (default %%(default)s)" % SLOWEST_RATE)
     p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
     p.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     p.add_argument("--insecure", action="store_true",
-                   help="serve without a key: anyone who reaches the port can run code (trusted networks only)")
+                   help="serve without a key: anyone who reaches the port can run code "
+                        "(trusted networks only)")
     p.add_argument("--name", default=job.name, help=argparse.SUPPRESS)
     p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every request")
