@@ -982,7 +982,8 @@ class Connections:
                                        % (kind, victim.address, live))
                 if refused:
                     self.refusals.note(address, "refused a connection from %s: all %d connections "
-                                       "are serving signed requests" % (address, live))
+                                       "are busy with requests (--max-connections)"
+                                       % (address, live))
                     return False
             deadline = time.monotonic() + self.request_timeout
             self.open[sock] = Connection(sock, address, self.IDLE, deadline)
@@ -1004,16 +1005,16 @@ class Connections:
     def reap(self, now):
         """Cut the connections past their deadline."""
         with self.lock:
-            late = [c for c in self.open.values()
+            late = [(c, c.phase) for c in self.open.values()
                     if not c.cut and c.deadline is not None and c.deadline < now]
-            for connection in late:
+            for connection, _ in late:
                 self._cut(connection)
-        for connection in late:
-            if connection.phase == self.IDLE:
+        for connection, phase in late:
+            if phase == self.IDLE:
                 log.debug("closed an idle connection from %s", connection.address)
             else:
                 what = {self.HEAD: "its request head", self.BODY: "its request body",
-                        self.REPLY: "reading its answer"}[connection.phase]
+                        self.REPLY: "reading its answer"}[phase]
                 self.refusals.note(connection.address, "cut a connection from %s: %s took too long "
                                    "(--request-timeout)" % (connection.address, what))
 
