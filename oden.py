@@ -468,6 +468,8 @@ def peer_text(text, limit=200):
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text[:4 * limit + 4]).decode("utf-8", "backslashreplace")
     text = str(text)[:4 * limit + 4].strip()      # an escape is at most 10 characters for 1
+    if text.isprintable():
+        return text if len(text) <= limit else text[:limit] + "..."
     shown, size = [], 0
     for character in text:
         piece = character if character.isprintable() else ascii(character)[1:-1]
@@ -1063,6 +1065,9 @@ class HeadReader:
         self.left -= len(line)
         return line
 
+    def read(self, size=-1):
+        return self.stream.read(size)
+
     def __getattr__(self, attribute):
         return getattr(self.stream, attribute)
 
@@ -1146,11 +1151,11 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         Origin (and Sec-Fetch-*) header to such requests, oden managers never do.  A page
         served from a name that the attacker points at this machine (DNS rebinding) is
         caught by its Host header, which a worker without a key checks too."""
-        origin = self.headers.get("Origin")
-        fetch = [name for name in self.headers.keys() if name.lower().startswith("sec-fetch-")]
-        if origin is not None or fetch:
-            return ("a web browser's request (Origin: %s): only an oden manager may POST"
-                    % peer_text(origin, 80))
+        for name in self.headers.keys():
+            name = name.lower()
+            if name == "origin" or name.startswith("sec-fetch-"):
+                return ("a web browser's request (Origin: %s): only an oden manager may POST"
+                        % peer_text(self.headers.get("Origin"), 80))
         host = self.headers.get("Host")
         if self.server.codec.key is None and not self.server.is_own_host(host):
             return ("Host %s is not this worker's address: put its IP address or host name in "
@@ -1230,7 +1235,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         return super().parse_request()
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.client_address[0], peer_text(fmt % args, 300))
+        if log.isEnabledFor(logging.DEBUG):      # called for every request: format only if shown
+            log.debug("%s %s", self.client_address[0], peer_text(fmt % args, 300))
 
 
 class WorkerServer(http.server.ThreadingHTTPServer):
@@ -1565,51 +1571,49 @@ class Watchdog:
     A socket time-out bounds each read on its own, not a whole request: a peer
     that drips one byte a second would hold a request, its host thread and the
     end of the run for ever.  So each request is armed with its deadline, and a
-    thread that wakes every WATCH_EVERY s while any request is armed shuts down
-    the socket of one past it; the request then fails at once.  The lock is held
-    during a shutdown too, so a request disarmed in time is never touched.
+    thread that wakes every WATCH_EVERY s shuts down the socket of one past it;
+    the request then fails at once.  The lock is held during a shutdown too, so
+    a request disarmed in time is never touched.
     """
 
     def __init__(self):
-        self.changed = threading.Condition()
+        self.lock = threading.Lock()
         self.armed = {}              # token -> [deadline (None: paused), connection, cut, s left]
         self.tokens = 0
         self.thread = None
 
     def arm(self, connection, seconds):
         """Watch an http.client connection for `seconds`; returns the token for the other calls."""
-        with self.changed:
+        with self.lock:
             self.tokens += 1
             self.armed[self.tokens] = [time.monotonic() + seconds, connection, False, None]
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
                 self.thread.start()
-            elif len(self.armed) == 1:
-                self.changed.notify()
             return self.tokens
 
     def pause(self, token):
-        with self.changed:
+        with self.lock:
             entry = self.armed[token]
             if entry[0] is not None:
                 entry[0], entry[3] = None, entry[0] - time.monotonic()
 
     def resume(self, token):
-        with self.changed:
+        with self.lock:
             entry = self.armed[token]
             if entry[0] is None:
                 entry[0] = time.monotonic() + entry[3]
 
     def disarm(self, token):
         """Stop watching; True if the deadline had passed and the connection was cut."""
-        with self.changed:
+        with self.lock:
             return self.armed.pop(token)[2]
 
     def _run(self):
         while True:
-            with self.changed:
-                self.changed.wait(WATCH_EVERY if self.armed else None)
-                now = time.monotonic()
+            time.sleep(WATCH_EVERY)              # not woken per request: that costs a thread switch
+            now = time.monotonic()
+            with self.lock:
                 for entry in self.armed.values():
                     if entry[0] is not None and entry[0] < now and not entry[2]:
                         entry[2] = True
