@@ -238,7 +238,7 @@ class OdenTestCase(unittest.TestCase):
         self.assertEqual(completed.returncode, code, completed.output[-4000:])
 
 
-# ------------------------------------------------------------------ /proc figures and resource limits
+# ---------------------------------------------------------- /proc figures and resource limits
 
 def proc_status_field(pid, field):
     """A field of /proc/PID/status as an int (VmRSS and VmHWM in kB, Threads a count)."""

@@ -53,7 +53,8 @@ class Probe:
 
 
 def head(path, headers, method=b"POST", host=b"127.0.0.1"):
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: " + host] + [k + b": " + v for k, v in headers]
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: " + host]
+    lines += [k + b": " + v for k, v in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -94,8 +95,9 @@ def body_of(answer):
 
 def hello(codec, port):
     body, headers, ticket = codec.seal_request("/hello", {}, None)
+    auth = headers[oden.AUTH_HEADER].encode()
     answer = exchange(port, head(b"/hello", [(b"Content-Length", str(len(body)).encode()),
-                                             (oden.AUTH_HEADER.encode(), headers[oden.AUTH_HEADER].encode())]) + body)
+                                             (oden.AUTH_HEADER.encode(), auth)]) + body)
     assert status_of(answer) == 200, answer[:300]
     auth = re.search(rb"X-Oden-Auth: ([^\r]+)", answer).group(1).decode()
     return codec.open_reply(ticket, 200, auth, body_of(answer))
@@ -109,7 +111,8 @@ class Crowd:
     LINE = b"POST /submit HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 4000
 
     def __init__(self, port, count, every=1.0, drip=True, reconnect=True):
-        self.port, self.count, self.every, self.drip, self.reconnect = port, count, every, drip, reconnect
+        self.port, self.count, self.every = port, count, every
+        self.drip, self.reconnect = drip, reconnect
         self.socks = [None] * count
         self.sent = [0] * count
         self.connects = self.cut = 0
@@ -203,12 +206,13 @@ class WorkerMemoryTest(support.OdenTestCase):
         idle = self.settled_rss(worker, 0.5)
         forged = "v2 s 1 %d - %s %s" % (time.time(), "0" * 64, "0" * 64)
         heads = [head(b"/submit", [(b"Content-Length", str(self.MAX_BODY).encode()),
-                                   (oden.AUTH_HEADER.encode(), forged.encode())])] * self.CONNECTIONS
+                                   (oden.AUTH_HEADER.encode(), forged.encode())])]
+        heads *= self.CONNECTIONS
         answers = self.send_bodies(worker.port, heads, b"\0" * self.MAX_BODY, answer_first=True)
         attacked = self.settled_rss(worker)
-        figure("%d unsigned requests declaring %d MiB each: worker RSS %.0f MiB idle, %.0f MiB under attack",
-               self.CONNECTIONS, self.MAX_BODY >> 20, idle, attacked)
-        self.assertLess(attacked - idle, 24, "the worker read bodies of requests that proved no key")
+        figure("%d unsigned requests declaring %d MiB each: worker RSS %.0f MiB idle, %.0f MiB "
+               "under attack", self.CONNECTIONS, self.MAX_BODY >> 20, idle, attacked)
+        self.assertLess(attacked - idle, 24, "the worker read bodies of requests proving no key")
         self.assertEqual([status_of(a or b"") for a in answers], [403] * self.CONNECTIONS, answers)
 
     def test_signed_bodies_share_a_reading_room_of_two_max_bodies(self):
@@ -217,14 +221,17 @@ class WorkerMemoryTest(support.OdenTestCase):
         key = project.env["ODEN_KEY"].encode()
         boot = hello(oden.Codec(key), worker.port)["boot"]
         message = {"run": "r", "batches": [], "pad": b"x" * (self.MAX_BODY - 1000)}
-        requests = [signed(oden.Codec(key), "/submit", message, boot) for _ in range(self.CONNECTIONS)]
+        requests = [signed(oden.Codec(key), "/submit", message, boot)
+                    for _ in range(self.CONNECTIONS)]
         heads, body = [h for h, _ in requests], requests[0][1]
         idle = self.settled_rss(worker, 0.5)
         self.send_bodies(worker.port, heads, body)
         attacked = self.settled_rss(worker)
-        figure("%d signed requests of %d MiB, each stalled before its last byte: worker RSS %.0f MiB idle, "
-               "%.0f MiB while they wait", self.CONNECTIONS, len(body) >> 20, idle, attacked)
-        self.assertLess(attacked - idle, 2 * len(body) / 2 ** 20 + 16, "more than 2 x --max-body being read")
+        figure("%d signed requests of %d MiB, each stalled before its last byte: worker RSS %.0f "
+               "MiB idle, %.0f MiB while they wait", self.CONNECTIONS, len(body) >> 20, idle,
+               attacked)
+        self.assertLess(attacked - idle, 2 * len(body) / 2 ** 20 + 16,
+                        "more than 2 x --max-body being read")
         self.assertIn("boot", hello(oden.Codec(key), worker.port))
 
 
@@ -247,9 +254,10 @@ class ConnectionFloodTest(support.OdenTestCase):
             started = time.monotonic()
             completed = project.run("manager", "--give-up-after", "30", *QUICK, timeout=120)
             took = time.monotonic() - started
-            figure("300 connections dripping a request line (%d connects, %d cut), ulimit -n 128: worker "
-                   "serves %s at once, %d threads at most, %.0f %% CPU; a manager's job took %.1f s (exit %d)",
-                   crowd.connects, crowd.cut, limit, threads, 100 * busy, took, completed.returncode)
+            figure("300 connections dripping a request line (%d connects, %d cut), ulimit -n 128: "
+                   "worker serves %s at once, %d threads at most, %.0f %% CPU; a manager's job "
+                   "took %.1f s (exit %d)", crowd.connects, crowd.cut, limit, threads, 100 * busy,
+                   took, completed.returncode)
         self.assertIsNotNone(limit, worker.output())
         self.assertRan(completed)
         self.assertEqual(sorted(r["result"] for r in project.records()), [x * x for x in range(6)])
@@ -263,7 +271,7 @@ class ConnectionFloodTest(support.OdenTestCase):
         worker = project.start_worker("--slots", "1", "--threads")
         pid = worker.process.pid
         idle_threads, idle_rss = support.thread_count(pid), support.rss_mib(pid)
-        for _ in range(400):                     # one by one: a burst would overflow the listen backlog
+        for _ in range(400):                     # one by one: a burst overflows the listen backlog
             self.addCleanup(socket.create_connection(("127.0.0.1", worker.port), 10).close)
         peak, rss, deadline = 0, 0, time.monotonic() + 1.5
         while time.monotonic() < deadline:
@@ -271,8 +279,8 @@ class ConnectionFloodTest(support.OdenTestCase):
             rss = max(rss, support.rss_mib(pid))
             time.sleep(0.1)
         status = exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        figure("400 idle connections: worker threads %d idle, %d at most; RSS %.0f MiB idle, %.0f MiB at most",
-               idle_threads, peak, idle_rss, rss)
+        figure("400 idle connections: worker threads %d idle, %d at most; RSS %.0f MiB idle, "
+               "%.0f MiB at most", idle_threads, peak, idle_rss, rss)
         self.assertLess(peak, oden.MAX_CONNECTIONS + idle_threads + 10)
         self.assertLess(rss - idle_rss, 64)
         self.assertEqual(status_of(status), 200, status)
@@ -284,7 +292,8 @@ class ConnectionFloodTest(support.OdenTestCase):
         slow = self.connect(worker)                      # the oldest: a request head in progress
         slow.sendall(b"POST /submit HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         idle = [self.connect(worker) for _ in range(3)]
-        self.wait_for(lambda: support.thread_count(worker.process.pid) >= threads + 4, "4 handler threads")
+        self.wait_for(lambda: support.thread_count(worker.process.pid) >= threads + 4,
+                      "4 handler threads")
         for _ in range(4):                               # each new one closes the longest idle one
             idle.append(self.connect(worker))
             self.wait_for(lambda: not self.is_open(idle[0]), "the longest idle connection closed")
@@ -321,7 +330,7 @@ class ConnectionFloodTest(support.OdenTestCase):
         self.addCleanup(sock.close)
         started = time.monotonic()
         cut = None
-        for byte in Crowd.LINE[:200]:           # a byte every 0.2 s: each read is quick, the whole is not
+        for byte in Crowd.LINE[:200]:           # a byte every 0.2 s: each read quick, the whole not
             try:
                 sock.sendall(bytes([byte]))
             except OSError:
@@ -349,7 +358,7 @@ class AcceptFailureTest(unittest.TestCase):
     def test_a_failing_accept_backs_off_instead_of_spinning(self):
         server = oden.WorkerServer(("127.0.0.1", 0), None, oden.Codec(b"k" * 32), None, 1000)
         self.addCleanup(server.server_close)
-        pending = socket.create_connection(server.server_address, 10)    # keeps the listener readable
+        pending = socket.create_connection(server.server_address, 10)    # the listener: readable
         self.addCleanup(pending.close)
         calls = []
 
@@ -367,7 +376,8 @@ class AcceptFailureTest(unittest.TestCase):
         figure("accept failing with EMFILE for 1.5 s: %d calls", len(calls))
         self.assertLess(len(calls), 20, "the accept loop spins")
         self.assertEqual(len(logged.records), 1, [r.getMessage() for r in logged.records])
-        self.assertIn("cannot accept connections (Too many open files)", logged.records[0].getMessage())
+        self.assertIn("cannot accept connections (Too many open files)",
+                      logged.records[0].getMessage())
 
 
 class RefusalLogTest(support.OdenTestCase):
@@ -403,21 +413,22 @@ class RefusalLogTest(support.OdenTestCase):
                 self.assertLogs("oden", logging.WARNING) as logged:
             for second in range(60):
                 now[0] = 1000.0 + second
-                refusals.note("10.0.0.9", "refused /submit from 10.0.0.9: bad signature %d" % second)
+                refusals.note("10.0.0.9", "refused /submit from 10.0.0.9: bad signature %d"
+                              % second)
                 refusals.note("10.0.0.7", "refused /hello from 10.0.0.7: stale request")
                 refusals.flush(now[0])
             now[0] = 1061.0
             refusals.flush(now[0])
             now[0] = 1122.0
-            refusals.flush(now[0])           # a quiet minute: nothing to say, the addresses are forgotten
+            refusals.flush(now[0])           # a quiet minute: nothing to say, addresses forgotten
             refusals.note("10.0.0.9", "refused /poll from 10.0.0.9: replayed request")
         self.assertEqual([record.getMessage() for record in logged.records], [
             "refused /submit from 10.0.0.9: bad signature 0",
             "refused /hello from 10.0.0.7: stale request",
-            "59 more refusals (10.0.0.9) in the last 61 s, the latest: refused /submit from 10.0.0.9: "
-            "bad signature 59",
-            "59 more refusals (10.0.0.7) in the last 61 s, the latest: refused /hello from 10.0.0.7: "
-            "stale request",
+            "59 more refusals (10.0.0.9) in the last 61 s, the latest: "
+            "refused /submit from 10.0.0.9: bad signature 59",
+            "59 more refusals (10.0.0.7) in the last 61 s, the latest: "
+            "refused /hello from 10.0.0.7: stale request",
             "refused /poll from 10.0.0.9: replayed request"])
 
 
@@ -428,15 +439,16 @@ class BrowserTest(support.OdenTestCase):
         key = project.env["ODEN_KEY"].encode()
         marker = project.path("PROBE")
         for extra in ([(b"Origin", b"https://evil.example")], [(b"Sec-Fetch-Site", b"cross-site")]):
-            answer = exchange(worker.port, b"".join(signed(oden.Codec(key), "/hello", Probe(marker), None, extra)))
+            request = signed(oden.Codec(key), "/hello", Probe(marker), None, extra)
+            answer = exchange(worker.port, b"".join(request))
             self.assertEqual(status_of(answer), 403, answer)
             self.assertIn(b"browser", body_of(answer))
         self.assertFalse(os.path.exists(marker))
 
     def test_a_worker_without_key_starts_only_with_insecure_and_never_for_a_browser(self):
         project = self.project(library_code=SQUARES, key=False)
-        refused = project.run("worker", "--bind", "127.0.0.1", "--port", "0", "--slots", "1", "--threads",
-                              timeout=30)
+        refused = project.run("worker", "--bind", "127.0.0.1", "--port", "0", "--slots", "1",
+                              "--threads", timeout=30)
         self.assertRan(refused, 2)
         self.assertIn("init", refused.output)
         self.assertIn("--insecure", refused.output)
@@ -447,15 +459,15 @@ class BrowserTest(support.OdenTestCase):
         length = (b"Content-Length", str(len(probe)).encode())
         page = [(b"Content-Type", b"text/plain"), (b"Origin", b"http://evil.example"), length]
         oden_like = [(oden.AUTH_HEADER.encode(), b"none"), length]
-        for headers, host, status in ((page, b"127.0.0.1", 403),          # a cross-site form or fetch
-                                      (page[:1] + [length], b"127.0.0.1", 401),   # no custom header
+        for headers, host, status in ((page, b"127.0.0.1", 403),        # a cross-site form, fetch
+                                      (page[:1] + [length], b"127.0.0.1", 401),   # no oden header
                                       (oden_like, b"evil.example:80", 403)):      # DNS rebinding
             answer = exchange(worker.port, head(b"/hello", headers, host=host) + probe)
             self.assertEqual(status_of(answer), status, (headers, answer))
         self.assertFalse(os.path.exists(marker), "a browser's request ran")
-        answer = exchange(worker.port, head(b"/hello", [(oden.AUTH_HEADER.encode(), b"none"), length]) + probe)
+        answer = exchange(worker.port, head(b"/hello", oden_like) + probe)
         self.assertEqual(status_of(answer), 200, answer)
-        self.assertTrue(os.path.exists(marker), "positive control: --insecure serves an oden manager")
+        self.assertTrue(os.path.exists(marker), "positive control: --insecure serves a manager")
 
 
 class RequestHeadTest(support.OdenTestCase):
@@ -476,7 +488,7 @@ class RequestHeadTest(support.OdenTestCase):
         other = oden.Codec(b"not the worker's key, but long enough")
         for data in (head(b"/submit", [(b"Content-Length", b"1000")]),
                      signed(other, "/submit", {"run": "r"}, "x")[0]):
-            answer = exchange(self.worker.port, data, timeout=5, shut=False)    # the body never comes
+            answer = exchange(self.worker.port, data, timeout=5, shut=False)   # no body follows
             self.assertIn(status_of(answer), (401, 403), answer)
 
     def test_a_body_other_than_the_signed_one_is_refused(self):
@@ -494,17 +506,20 @@ class RequestHeadTest(support.OdenTestCase):
 
     def test_a_request_head_over_16_kib_is_refused(self):
         padding = [(b"X-Pad-%d" % number, b"p" * 1000) for number in range(20)]
-        answer = exchange(self.worker.port, head(b"/submit", padding + [(b"Content-Length", b"5")]) + b"hello")
+        data = head(b"/submit", padding + [(b"Content-Length", b"5")]) + b"hello"
+        answer = exchange(self.worker.port, data)
         self.assertEqual(status_of(answer), 431, answer[:300])
         self.assertEqual(body_of(answer).count(b"\n"), 1)
 
     def test_a_stale_request_says_how_far_apart_the_clocks_are(self):
         boot = hello(oden.Codec(self.key), self.worker.port)["boot"]
         with mock.patch.object(oden.time, "time", return_value=time.time() - 412):
-            data = b"".join(signed(oden.Codec(self.key), "/poll", {"run": "r", "ack": [], "wait": 0}, boot))
+            message = {"run": "r", "ack": [], "wait": 0}
+            data = b"".join(signed(oden.Codec(self.key), "/poll", message, boot))
         answer = exchange(self.worker.port, data)
         self.assertEqual(status_of(answer), 403, answer)
-        self.assertRegex(body_of(answer).decode(), r"the worker's clock is 41[123] s ahead of the manager's")
+        self.assertRegex(body_of(answer).decode(),
+                         r"the worker's clock is 41[123] s ahead of the manager's")
 
 
 class KeyWarningTest(support.OdenTestCase):
@@ -586,7 +601,8 @@ class FakeWorker:
     @staticmethod
     def drip(fake, sock, request):
         """An answer that never ends: a byte a second (each read is quick, the whole never)."""
-        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{" * 10:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+        for byte in answer + b"{" * 1000:
             if fake.stopping.wait(1.0):
                 return
             fake.send(sock, bytes([byte]))
@@ -603,8 +619,8 @@ class FakeWorker:
     @staticmethod
     def text(status, body):
         def answer(fake, sock, request):
-            fake.send(sock, b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
-                      + body)
+            fake.send(sock, b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                      % (status, len(body)) + body)
         return answer
 
 
@@ -645,12 +661,13 @@ class ManagerDeadlineTest(support.OdenTestCase):
         project.write_hosts([worker, fake.address])
         started = time.monotonic()
         try:
-            completed = project.run("manager", "--timeout", "3", "--interval-polling", "0.2", "--give-up-after",
-                                    "5", timeout=60)
+            completed = project.run("manager", "--timeout", "3", "--interval-polling", "0.2",
+                                    "--give-up-after", "5", timeout=60)
         except subprocess.TimeoutExpired:
             self.fail("the manager still ran 60 s after it started, its tasks done in a second")
         took = time.monotonic() - started
-        figure("a manager with a real host and a host dripping its answers: ended after %.1f s", took)
+        figure("a manager with a real host and a host dripping its answers: ended after %.1f s",
+               took)
         self.assertRan(completed)
         self.assertEqual(len(project.records()), 6)
         self.assertLess(took, 20)
@@ -661,7 +678,8 @@ class ManagerDeadlineTest(support.OdenTestCase):
             fake = FakeWorker(self, FakeWorker.huge(length))
             project.write_hosts([fake.address])
             completed = project.run("manager", *self.GIVE_UP, timeout=60)
-            figure("a host answering with Content-Length %d: the manager took %d bytes of it", length, fake.sent)
+            figure("a host answering with Content-Length %d: the manager took %d bytes of it",
+                   length, fake.sent)
             self.assertRan(completed, 3)
             self.assertIn("its answer of %d bytes is over the limit" % length, completed.output)
             self.assertNotIn("Traceback", completed.output)
@@ -677,7 +695,8 @@ class ManagerDeadlineTest(support.OdenTestCase):
         """)
         worker = project.start_worker("--slots", "1", "--threads")
         project.write_hosts([worker])
-        completed = project.run("manager", "--max-reply", "50000", "--max-attempts", "1", *QUICK, timeout=60)
+        completed = project.run("manager", "--max-reply", "50000", "--max-attempts", "1", *QUICK,
+                                timeout=60)
         self.assertRan(completed, 1)
         self.assertIn("over the limit of 50000: pass a larger --max-reply", completed.output)
         self.assertRan(project.run("resume", "--max-reply", "200000", *QUICK, timeout=60))
@@ -695,7 +714,7 @@ class ManagerDeadlineTest(support.OdenTestCase):
             self.assertRan(completed, 3)
             self.assertIn("HTTP 302: moved", completed.output)
         self.assertTrue(fake.requests)
-        self.assertEqual(elsewhere.requests, [], "the manager followed a redirect, with its signed request")
+        self.assertEqual(elsewhere.requests, [], "the manager followed a redirect, and signed it")
 
     def test_text_from_a_peer_is_escaped_and_cut_to_one_line(self):
         project = self.project(library_code=SQUARES)

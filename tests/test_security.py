@@ -148,7 +148,8 @@ class RefusedRequestsTest(support.OdenTestCase):
         self.assertIn(reason_part, text)
         # the first refusal from an address is logged in full, the next ones of the same minute are
         # counted in one later line (test_attacks.RefusalLogTest)
-        self.assertRegex(worker.output(), r"refused /\w+ from 127\.0\.0\.1: ", "the worker did not log the refusal")
+        self.assertRegex(worker.output(), r"refused /\w+ from 127\.0\.0\.1: ",
+                         "the worker did not log the refusal")
         self.assertFalse(os.path.exists(self.marker), "a refused request was unpickled (%d %s)" % (status, text))
 
     def test_every_unauthenticated_request_is_refused_before_unpickling(self):
