@@ -23,10 +23,14 @@ How the parts fit::
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
-receive.  Every POST body is signed with HMAC-SHA256 under a shared key
-(``oden.key`` next to this file, or $ODEN_KEY) and nothing is unpickled before
-its signature checks out.  Without a key a worker only listens on loopback
-(or with ``--insecure``).  The key does not encrypt: use ``--certfile`` and
+receive.  Every POST is signed with HMAC-SHA256 under a shared key
+(``oden.key`` next to this file, or $ODEN_KEY): a worker checks the signed head
+before it reads the body, and nothing is unpickled before its signature checks
+out.  Without a key a worker starts only with ``--insecure``, and no worker
+serves a POST from a web browser.  Connections, threads, bodies read at once,
+request times and refusal log lines are bounded on the worker, and each
+request's time and answer size on the manager: see README.md "Security".
+The key does not encrypt: use ``--certfile`` and
 ``--cafile`` (TLS) when tasks or results are confidential.  The status pages
 (GET) need no key and show counts and ages only, never tasks or results.
 """
@@ -37,6 +41,7 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import hmac
@@ -63,8 +68,11 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
+
+try:
+    import resource                 # Unix: the open-file limit
+except ImportError:
+    resource = None
 
 try:                                    # the run lock: flock on POSIX, msvcrt on Windows
     import fcntl
@@ -153,7 +161,18 @@ REQUEST_BYTES = 32 * 2 ** 20        # bytes of tasks past which a request takes 
 PREFETCH_BYTES = 16 * 2 ** 20       # batches beyond a host's slots only while they are smaller
 REQUEST_ENVELOPE = 4096             # bytes of a submit beyond its tasks (run id, acks, framing)...
 ITEM_ENVELOPE = 32                  # ... and per task in it (its index, tuple framing)
-REQUEST_READ_TIMEOUT = 30           # seconds a worker waits for a slow body or an idle kept-alive client
+REQUEST_READ_TIMEOUT = 30           # s for a whole request head, an idle kept-alive client,
+                                    # a body or reply beyond size / SLOWEST_RATE (--request-timeout)
+SLOWEST_RATE = 100000               # bytes/s: the slowest a signed body or a reply may travel
+MAX_HEAD = 16 * 2 ** 10             # bytes of request line and headers read before the key checks
+MAX_CONNECTIONS = 256               # a worker's connections at once; fewer at a low `ulimit -n`
+SPARE_FDS = 32                      # descriptors kept free beyond those: slot restarts, logs
+SMALL_BODY = 2 ** 20                # bodies over this size share 2 x --max-body of reading room
+REFUSAL_LOG_EVERY = 60              # s: refusals logged this often per source address, with a count
+ACCEPT_BACKOFF = (0.005, 0.5)       # s a worker waits after accept fails (no descriptors), doubling
+MAX_REPLY = 2 ** 30                 # bytes: a larger answer is refused unread (--max-reply)
+SMALL_REPLY = 2 ** 20               # bytes: most a /hello answer, error text, /status.json holds
+WATCH_EVERY = 0.1                   # s between checks for manager requests past their deadline
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
 PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips per task,
@@ -198,17 +217,20 @@ def raise_terminated(signum, frame):
 # ====================================================================
 #
 # A POST body is pickle.dumps(message).  The request header
-#     X-Oden-Auth: v1 <session> <counter> <unix time> <worker boot> <hmac>
-# signs method, path, those fields and the body's SHA-256.  The worker
-# accepts a counter only if it is larger than the last one of that session
-# (so nothing can be replayed) and only for its own boot id (so nothing sent
-# to an earlier run of the worker is accepted after a restart).  The reply's
+#     X-Oden-Auth: v2 <session> <counter> <unix time> <worker boot> <body sha256> <hmac>
+# signs method, path, those fields and the Content-Length, so a worker checks
+# the head before it reads a byte of the body; the body must then hash to the
+# signed SHA-256.  The worker accepts a counter only if it is larger than the
+# last one of that session (so nothing can be replayed, and a signed head buys
+# one body read at most) and only for its own boot id (so nothing sent to an
+# earlier run of the worker is accepted after a restart).  The reply's
 #     X-Oden-Auth: v1 <hmac>
 # signs the session, counter, status and body, binding it to its request.
-# Without a key both ends send "X-Oden-Auth: none".
+# Without a key (--insecure) both ends send "X-Oden-Auth: none".
 
 AUTH_HEADER = "X-Oden-Auth"
 UNSIGNED = "none"
+AUTH_VERSION = "v2"
 
 
 class AuthError(Exception):
@@ -249,11 +271,13 @@ class Codec:
         with self._lock:
             self._counter += 1
             counter = str(self._counter)
-        fields = [self.session, counter, str(int(time.time())), boot or "-"]
         if self.key is None:
             return body, {AUTH_HEADER: UNSIGNED}, None
-        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), _digest(body))
-        return body, {AUTH_HEADER: " ".join(["v1"] + fields + [mac])}, (self.session, counter)
+        fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
+        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields),
+                   str(len(body)).encode())
+        header = " ".join([AUTH_VERSION] + fields + [mac])
+        return body, {AUTH_HEADER: header}, (self.session, counter)
 
     def open_reply(self, ticket, status, header, body):
         if self.key is not None:
@@ -267,24 +291,48 @@ class Codec:
         return pickle.loads(body)
 
     # -- worker side ---------------------------------------------------
-    def open_request(self, path, header, body, boot):
-        """Check the signature and freshness, then unpickle; return (message, reply ticket)."""
+    def check_head(self, path, header, length, boot):
+        """Authenticate a request by its head, before its body is read: return the
+        ticket that open_body() and seal_reply() take, or raise AuthError."""
         if self.key is None:
-            return pickle.loads(body), None
+            if not header:       # a custom header: no browser sends one cross-site without asking
+                raise AuthError(401, "missing %s header: not a request from an oden manager"
+                                % AUTH_HEADER)
+            return None
         parts = (header or "").split(" ")
-        if len(parts) != 6 or parts[0] != "v1" or not parts[2].isdigit():
+        if parts[0] == "v1":
+            raise AuthError(401, "the manager runs an older oden.py: copy the project to both")
+        if len(parts) != 7 or parts[0] != AUTH_VERSION or not parts[2].isdigit():
             raise AuthError(401, "missing or malformed %s header: the sender has no key" % AUTH_HEADER)
-        _, session, counter, stamp, their_boot, mac = parts
-        expected = _mac(self.key, b"POST", path.encode(), session.encode(), counter.encode(),
-                        stamp.encode(), their_boot.encode(), _digest(body))
+        _, session, counter, stamp, their_boot, digest, mac = parts
+        expected = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in parts[1:6]),
+                        str(length).encode())
         if not hmac.compare_digest(mac.encode(), expected.encode()):
             raise AuthError(403, "bad signature: wrong key or altered message")
-        if not stamp.isdigit() or abs(time.time() - int(stamp)) > MAX_CLOCK_SKEW:
-            raise AuthError(403, "stale request: clocks differ by more than %d s" % MAX_CLOCK_SKEW)
+        skew = time.time() - int(stamp) if stamp.isdigit() else float("inf")
+        if abs(skew) > MAX_CLOCK_SKEW:
+            raise AuthError(403, "stale request: the worker's clock is %.0f s %s the manager's "
+                                 "(at most %d s allowed): set both clocks right, e.g. with NTP"
+                            % (abs(skew), "ahead of" if skew > 0 else "behind", MAX_CLOCK_SKEW))
+        # A /hello names no boot id, so one captured on the wire is accepted by any worker with
+        # this key for MAX_CLOCK_SKEW s.  That is harmless: /hello changes nothing and tells only
+        # what any manager with the key may know (version, code digest, slots, boot id), and the
+        # boot id opens nothing without the key.  Every other route is bound to one worker run.
         if path != "/hello" and their_boot != boot:
             raise AuthError(409, "request was meant for an earlier run of this worker")
-        self._check_fresh(session, int(counter))
-        return pickle.loads(body), (session, counter)
+        self._check_fresh(session, int(counter))    # before the body is read: one per signed head
+        return session, counter, digest
+
+    def open_body(self, ticket, body):
+        """Check that the body is the one the head signed, then unpickle it."""
+        if self.key is not None and not hmac.compare_digest(_digest(body), ticket[2].encode()):
+            raise AuthError(403, "bad signature: the body is not the one signed (altered message)")
+        return pickle.loads(body)
+
+    def open_request(self, path, header, body, boot):
+        """check_head() and open_body() at once: return (message, reply ticket)."""
+        ticket = self.check_head(path, header, len(body), boot)
+        return self.open_body(ticket, body), ticket
 
     def _check_fresh(self, session, counter):
         now = time.monotonic()
@@ -314,16 +362,30 @@ def load_key(key_file=None):
         if len(os.environ[KEY_ENV].strip()) < 16:
             raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the contents "
                             "of a file made by 'python3 oden.py init'" % KEY_ENV)
-        return os.environ[KEY_ENV].strip().encode()
+        key = os.environ[KEY_ENV].strip().encode()
+        warn_weak_key(key, "$%s" % KEY_ENV, "and set $%s to what its file holds" % KEY_ENV)
+        return key
     path = key_path(key_file)
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:
         key = f.read().strip()
+        mode = os.fstat(f.fileno()).st_mode
     if len(key) < 16:
         raise OdenError("key file %s is shorter than 16 characters: delete it and run "
                         "'python3 oden.py init'" % path)
+    if os.name == "posix" and mode & 0o077:
+        log.warning("key file %s can be read by other users (mode %04o): whoever reads it can run "
+                    "code on every worker; run 'chmod 600 %s'", path, mode & 0o777, path)
+    warn_weak_key(key, "key file %s" % path, "after deleting %s" % path)
     return key
+
+
+def warn_weak_key(key, where, how):
+    """A key of few distinct characters (e.g. 16 times the same) is guessable: say so."""
+    if len(set(key)) < 6:
+        log.warning("%s holds a key of only %d different characters, easy to guess: make a random "
+                    "one with 'python3 oden.py init' %s", where, len(set(key)), how)
 
 
 def create_key(key_file=None):
@@ -621,15 +683,33 @@ def one_line(exception):
     return type(exception).__name__ + (": " + text[0] if text else "")
 
 
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
 def printable(text):
-    """Text from a peer (a traceback, what calc printed, an error line) made safe to show on a
-    terminal and in a log: control characters (terminal escapes), except newline and tab, and
-    lone surrogates (bytes that were not UTF-8) become visible escapes such as \\x1b."""
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace")
-                                  .decode("ascii"), text)
+    """Text from a peer (a traceback, what calc printed) made safe to show on a terminal and in
+    a log, its lines kept: every character that is not printable (terminal escapes and other
+    controls, bidi overrides, lone surrogates from bytes that were not UTF-8), except newline
+    and tab, becomes its escape, such as \\x1b.  peer_text() makes one short line of it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
+
+
+def peer_text(text, limit=200):
+    """Text from another machine (str or bytes), safe to print or log: one line, with line
+    breaks, terminal escapes and other control or invisible characters shown as escapes
+    (\\n, \\x1b, \\u202e), undecodable bytes as \\xff, cut to `limit` characters."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text[:4 * limit + 4]).decode("utf-8", "backslashreplace")
+    text = str(text)[:4 * limit + 4].strip()      # an escape is at most 10 characters for 1
+    if text.isprintable():
+        return text if len(text) <= limit else text[:limit] + "..."
+    shown, size = [], 0
+    for character in text:
+        piece = character if character.isprintable() else ascii(character)[1:-1]
+        if size + len(piece) > limit:
+            return "".join(shown) + "..."
+        shown.append(piece)
+        size += len(piece)
+    return "".join(shown)
 
 
 def slot_process_main(conn, calc, position, lifeline):
@@ -1220,9 +1300,226 @@ def status_html(state, user_text):
             % (html.escape(state["name"]), html.escape(state["state"]), html.escape(user_text), rows, ages))
 
 
+class Refusals:
+    """Logs refused requests and connections at most once per REFUSAL_LOG_EVERY s per
+    source: the first at once, in full; then, while refusals go on, one line a period
+    with their count and the latest.  A flood of forged requests costs a few log lines.
+
+    note() is called by handler threads and the accept thread, flush() by the accept
+    thread (WorkerServer.service_actions); one lock guards `sources`.
+    """
+    MAX_SOURCES = 4096               # the oldest source is forgotten beyond this many
+
+    def __init__(self, every=REFUSAL_LOG_EVERY):
+        self.every = every
+        self.lock = threading.Lock()
+        self.sources = collections.OrderedDict()    # source -> [period start, count, latest line]
+
+    def note(self, source, line):
+        with self.lock:
+            entry = self.sources.get(source)
+            if entry is not None:
+                entry[1] += 1
+                entry[2] = line
+                return
+            self.sources[source] = [time.monotonic(), 0, None]
+            if len(self.sources) > self.MAX_SOURCES:
+                self.sources.popitem(last=False)
+        log.warning("%s", line)
+
+    def flush(self, now):
+        """Log the counts of periods that are over; forget sources that were quiet."""
+        lines = []
+        with self.lock:
+            for source, entry in list(self.sources.items()):
+                if now - entry[0] < self.every:
+                    continue
+                if entry[1]:
+                    lines.append("%d more refusals (%s) in the last %d s, the latest: %s"
+                                 % (entry[1], source, now - entry[0], entry[2]))
+                    entry[:] = [now, 0, None]
+                else:
+                    del self.sources[source]
+        for line in lines:
+            log.warning("%s", line)
+
+
+class BodyRoom:
+    """Bytes of large request bodies being read at once: at most `total`.  A body
+    over SMALL_BODY waits for room (until its deadline); smaller ones need none."""
+
+    def __init__(self, total):
+        self.total, self.used = total, 0
+        self.changed = threading.Condition()
+
+    def take(self, size, seconds):
+        """True once `size` bytes are reserved; False if there was no room within `seconds`."""
+        if size <= SMALL_BODY:
+            return True
+        deadline = time.monotonic() + seconds
+        with self.changed:
+            while self.used + size > self.total:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+            self.used += size
+            return True
+
+    def give(self, size):
+        if size > SMALL_BODY:
+            with self.changed:
+                self.used -= size
+                self.changed.notify_all()
+
+
+class Connection:
+    """A worker's open connection: its phase and until when it may stay in it."""
+    __slots__ = ("sock", "address", "phase", "since", "deadline", "cut")
+
+    def __init__(self, sock, address, phase, deadline):
+        self.sock, self.address, self.phase, self.deadline = sock, address, phase, deadline
+        self.since = time.monotonic()
+        self.cut = False             # shut down by Connections; its thread is about to end
+
+
+class Connections:
+    """The worker's open connections, at most `limit`, each with a deadline.
+
+    A per-read socket time-out alone lets a client that drips one byte at a time hold
+    a thread for ever, and enough of them use up every descriptor.  So each connection
+    is in a phase with a deadline for the whole of it:
+
+      IDLE     waiting for a request line (a kept-alive connection between requests,
+               or a client that drips its request line): request_timeout
+      HEAD     request line read, headers being read, nothing proven: the same deadline
+      WORKING  a signed request being served (a long poll), or a GET: none
+      BODY     reading a body whose head proved the key: request_timeout + size / SLOWEST_RATE
+      REPLY    writing a reply: request_timeout + size / SLOWEST_RATE
+
+    The accept thread admits connections: when `limit` are open, it closes the longest
+    IDLE one, else the oldest HEAD, so a manager can always connect; with neither, the
+    new connection is closed.  It also cuts connections past their deadline (reap).
+    Cutting is shutting the socket down: its handler thread sees the stream end,
+    answers nothing and ends.  Handler threads move their own connection between
+    phases.  One lock guards `open`.
+    """
+    IDLE, HEAD, WORKING, BODY, REPLY = "idle", "head", "working", "body", "reply"
+
+    def __init__(self, limit, request_timeout, refusals):
+        self.limit, self.request_timeout, self.refusals = limit, request_timeout, refusals
+        self.lock = threading.Lock()
+        self.open = {}                   # socket -> Connection, until its handler thread ends
+
+    def admit(self, sock, address):
+        """Register a new connection, closing another for room; False: no room, close it."""
+        with self.lock:
+            live = sum(1 for c in self.open.values() if not c.cut)
+            if live >= self.limit:
+                victim = self._victim()
+                if victim is None or len(self.open) >= self.limit + SPARE_FDS // 2:
+                    refused = True
+                else:
+                    self._cut(victim)
+                    refused = False
+                    kind = "an idle" if victim.phase == self.IDLE else "a slow"
+                    self.refusals.note(victim.address, "closed %s connection from %s to make room: "
+                                       "%d are open, the limit (--max-connections)"
+                                       % (kind, victim.address, live))
+                if refused:
+                    self.refusals.note(address, "refused a connection from %s: all %d connections "
+                                       "are busy with requests (--max-connections)"
+                                       % (address, live))
+                    return False
+            deadline = time.monotonic() + self.request_timeout
+            self.open[sock] = Connection(sock, address, self.IDLE, deadline)
+            return True
+
+    def move(self, sock, phase, deadline=None):
+        """A handler thread's connection enters `phase`, to end by `deadline` (monotonic)."""
+        with self.lock:
+            connection = self.open.get(sock)
+            if connection is not None:
+                if phase != connection.phase:    # idle since accepted, or since its last answer
+                    connection.since = time.monotonic()
+                connection.phase, connection.deadline = phase, deadline
+
+    def forget(self, sock):
+        with self.lock:
+            self.open.pop(sock, None)
+
+    def reap(self, now):
+        """Cut the connections past their deadline."""
+        with self.lock:
+            late = [(c, c.phase) for c in self.open.values()
+                    if not c.cut and c.deadline is not None and c.deadline < now]
+            for connection, _ in late:
+                self._cut(connection)
+        for connection, phase in late:
+            if phase == self.IDLE:
+                log.debug("closed an idle connection from %s", connection.address)
+            else:
+                what = {self.HEAD: "its request head", self.BODY: "its request body",
+                        self.REPLY: "reading its answer"}[phase]
+                self.refusals.note(connection.address, "cut a connection from %s: %s took too long "
+                                   "(--request-timeout)" % (connection.address, what))
+
+    def out_of_descriptors(self, error):
+        """accept() failed for want of descriptors: admit fewer from now on, and close one."""
+        with self.lock:
+            live = sum(1 for c in self.open.values() if not c.cut)
+            if live > 16:                # else something other than connections holds them
+                self.limit = min(self.limit, live - 8)
+            victim = self._victim()
+            if victim is not None:
+                self._cut(victim)
+        self.refusals.note("accept", "cannot accept connections (%s) with %d open: serving at most "
+                           "%d from now on; raise the open-file limit (ulimit -n) for more"
+                           % (error.strerror or error, live, self.limit))
+
+    def _victim(self):
+        """Called with the lock held: the longest idle connection, else the oldest unproven head."""
+        best = None
+        for connection in self.open.values():
+            if not connection.cut and connection.phase in (self.IDLE, self.HEAD):
+                rank = (connection.phase != self.IDLE, connection.since)
+                if best is None or rank < best[0]:
+                    best = rank, connection
+        return best and best[1]
+
+    @staticmethod
+    def _cut(connection):
+        connection.cut = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)    # not SSLSocket's
+
+
+class HeadReader:
+    """A handler's rfile.  readline() (the request line and headers) stops after MAX_HEAD
+    bytes a request, so a request that has proven nothing costs little memory; read() (a
+    body, read once its head has proven the key) is not limited."""
+
+    def __init__(self, stream):
+        self.stream, self.left = stream, MAX_HEAD
+
+    def readline(self, size=-1):
+        if self.left <= 0:
+            raise http.client.LineTooLong("request head over %d bytes" % MAX_HEAD)
+        line = self.stream.readline(self.left if size is None or size < 0 else min(size, self.left))
+        self.left -= len(line)
+        return line
+
+    def read(self, size=-1):
+        return self.stream.read(size)
+
+    def __getattr__(self, attribute):
+        return getattr(self.stream, attribute)
+
+
 class WorkerHandler(http.server.BaseHTTPRequestHandler):
     """HTTP front of a worker.  GET routes show status to anyone; POST routes
-    need a signed body and hand it to WorkerState.  Errors are one line."""
+    need a signed head, checked before the body is read, and hand the body to
+    WorkerState.  Errors are one line; refusals are logged through Refusals."""
 
     protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
     server_version = "oden/" + VERSION
@@ -1236,7 +1533,13 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
                    "/poll": lambda server, m: server.state.poll(m),
                    "/push": lambda server, m: server.keeper.push(m, server.state)}
 
+    def setup(self):
+        super().setup()
+        self.rfile = HeadReader(self.rfile)
+        self.deadline = None
+
     def do_GET(self):
+        self.server.connections.move(self.request, Connections.WORKING)
         state = self.server.state
         path = self.path.split("?")[0]
         if path == "/":
@@ -1252,16 +1555,35 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         route = self.post_routes.get(self.path)
         if route is None:
             return self._fail(404, "no such route %r" % self.path[:80])
-        body = self._read_body()
-        if body is None:
+        self.server.connections.move(self.request, Connections.WORKING)
+        refusal = self._browser_refusal()
+        if refusal:
+            return self._refuse(403, refusal)
+        length = self._content_length()
+        if length is None:
             return
-        codec, state = self.server.codec, self.server.state
+        codec, state, room = self.server.codec, self.server.state, self.server.room
         try:
-            message, ticket = codec.open_request(self.path, self.headers.get(AUTH_HEADER), body, state.boot)
-            reply = route(self.server, message)
+            ticket = codec.check_head(self.path, self.headers.get(AUTH_HEADER), length, state.boot)
         except AuthError as e:
-            log.warning("refused %s from %s: %s", self.path, self.client_address[0], e)
-            return self._fail(e.status, str(e))
+            return self._refuse(e.status, str(e))
+        if not room.take(length, self.server.request_timeout):
+            return self._fail(503, "busy reading other large requests: try again")
+        try:
+            body = self._read_body(length)
+            if body is None:
+                return
+            message = codec.open_body(ticket, body)
+        except AuthError as e:
+            return self._refuse(e.status, str(e))
+        except Exception as e:
+            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
+            return self._fail(400, "malformed message: %s" % one_line(e))
+        finally:
+            body = None                  # gone before the route runs: its room is free again
+            room.give(length)
+        try:
+            reply = route(self.server, message)
         except Exception as e:
             log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
             return self._fail(400, "malformed message: %s" % one_line(e))
@@ -1271,18 +1593,43 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             threading.Thread(target=self.server.shutdown).start()
 
-    def _read_body(self):
+    def _browser_refusal(self):
+        """Why this POST may come from a web page, or None.  A page the user opens can make
+        the browser POST to any address it can reach, loopback included; browsers add an
+        Origin (and Sec-Fetch-*) header to such requests, oden managers never do.  A page
+        served from a name that the attacker points at this machine (DNS rebinding) is
+        caught by its Host header, which a worker without a key checks too."""
+        for name in self.headers.keys():
+            name = name.lower()
+            if name == "origin" or name.startswith("sec-fetch-"):
+                return ("a web browser's request (Origin: %s): only an oden manager may POST"
+                        % peer_text(self.headers.get("Origin"), 80))
+        host = self.headers.get("Host")
+        if self.server.codec.key is None and not self.server.is_own_host(host):
+            return ("Host %s is not this worker's address: put its IP address or host name in "
+                    "hosts.txt" % peer_text(host, 80))
+        return None
+
+    def _content_length(self):
+        """The POST's Content-Length, or None once it is refused (411, 413)."""
         length = self.headers.get("Content-Length", "")
         if not (length.isascii() and length.isdigit()):      # isdigit alone passes "²", which int() refuses
-            self._fail(411, "a POST needs a Content-Length")
+            self._refuse(411, "a POST needs a Content-Length")
             return None
-        if int(length) > self.server.max_body:
-            reason = "body of %s bytes is over the limit of %d (--max-body)" % (length, self.server.max_body)
-            log.warning("refused %s from %s: %s", self.path, self.client_address[0], reason)
-            self._fail(413, reason)
+        if len(length) > 15 or int(length) > self.server.max_body:
+            shown = length if len(length) <= 15 else "a %d-digit number of" % len(length)
+            self._refuse(413, "body of %s bytes is over the limit of %d (--max-body)"
+                         % (shown, self.server.max_body))
             return None
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
+        return int(length)
+
+    def _read_body(self, length):
+        """Read a body whose head proved the key, by its deadline; None if it did not all arrive."""
+        deadline = time.monotonic() + self.server.request_timeout + length / SLOWEST_RATE
+        self.server.connections.move(self.request, Connections.BODY, deadline)
+        body = self.rfile.read(length)
+        self.server.connections.move(self.request, Connections.WORKING)
+        if len(body) != length:
             self.close_connection = True
             return None
         return body
@@ -1294,6 +1641,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             return "show_status() raised %s" % one_line(e)
 
     def _send(self, code, body, content_type, headers=None):
+        deadline = time.monotonic() + self.server.request_timeout + len(body) / SLOWEST_RATE
+        self.server.connections.move(self.request, Connections.REPLY, deadline)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -1306,20 +1655,36 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8", {"Connection": "close"})
 
+    def _refuse(self, code, reason):
+        """_fail() for a request that proves no key: logged through the server's Refusals."""
+        address = self.client_address[0]
+        self.server.refusals.note(address, "refused %s from %s: %s" % (self.path, address, reason))
+        self._fail(code, reason)
+
     def __getattr__(self, attribute):
         if attribute.startswith("do_"):          # PUT, DELETE, ...: 405 rather than http.server's 501
             return lambda: self._fail(405, "method %s is not allowed: use GET or POST" % attribute[3:])
         raise AttributeError(attribute)
 
     def handle_one_request(self):
+        """One request; its head (and the wait for it) must end by one deadline."""
+        self.deadline = time.monotonic() + self.server.request_timeout
+        self.server.connections.move(self.request, Connections.IDLE, self.deadline)
+        self.rfile.left = MAX_HEAD
         try:
             super().handle_one_request()
-        except (socket.timeout, ConnectionError, ssl.SSLError) as e:
+        except OSError as e:                     # time-outs, resets, TLS errors, a connection cut
             log.debug("connection from %s dropped: %s", self.client_address[0], one_line(e))
             self.close_connection = True
 
+    def parse_request(self):
+        """Called by http.server once the request line is in: the headers come next."""
+        self.server.connections.move(self.request, Connections.HEAD, self.deadline)
+        return super().parse_request()
+
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.client_address[0], fmt % args)
+        if log.isEnabledFor(logging.DEBUG):      # called for every request: format only if shown
+            log.debug("%s %s", self.client_address[0], peer_text(fmt % args, 300))
 
 
 class CodeKeeper:
@@ -1363,39 +1728,98 @@ class CodeKeeper:
 
 
 class WorkerServer(http.server.ThreadingHTTPServer):
+    """The worker's HTTP server: a thread per connection, at most max_connections of
+    them (see Connections), and one accept thread (serve_forever) that also reaps."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, state, codec, show_status, max_body, tls=None, keeper=None):
+    def __init__(self, address, state, codec, show_status, max_body, tls=None,
+                 max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT, keeper=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WorkerHandler)
         self.state, self.codec, self.show_status, self.max_body, self.tls = state, codec, show_status, max_body, tls
         self.keeper = keeper
+        self.request_timeout = request_timeout
+        self.refusals = Refusals()
+        self.connections = Connections(max_connections, request_timeout, self.refusals)
+        self.room = BodyRoom(2 * max_body)
+        names = {"localhost", socket.gethostname().lower(), platform.node().lower(),
+                 address[0].lower()}
+        self.names = names | {name.split(".")[0] for name in names}     # for is_own_host
+        self.backoff = ACCEPT_BACKOFF[0]
+        self.next_check = 0.0
 
     def get_request(self):
-        sock, address = super().get_request()
+        try:
+            sock, address = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.connections.out_of_descriptors(e)
+                time.sleep(self.backoff)         # the listening socket stays readable: no busy loop
+                self.backoff = min(2 * self.backoff, ACCEPT_BACKOFF[1])
+            raise
+        self.backoff = ACCEPT_BACKOFF[0]
         if self.tls is not None:                 # the handshake runs later, in the handler's thread
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        if not self.connections.admit(sock, address[0]):
+            sock.close()
+            raise OSError("no room for another connection")      # serve_forever drops it quietly
         return sock, address
 
+    def shutdown_request(self, request):
+        self.connections.forget(request)
+        super().shutdown_request(request)
 
-def is_loopback(address):
-    if address == "localhost":
-        return True
+    def service_actions(self):
+        """Run by serve_forever after every request and every poll_interval: cut connections
+        past their deadline, log the counts of refusals whose period is over."""
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + 0.5
+            self.connections.reap(now)
+            self.refusals.flush(now)
+
+    def handle_error(self, request, client_address):
+        """An unexpected error in a handler: one line, the traceback only with -v."""
+        log.warning("error serving %s: %s", client_address[0], one_line(sys.exc_info()[1]))
+        log.debug("the traceback", exc_info=True)
+
+    def is_own_host(self, header):
+        """Whether a Host header names this worker: an IP address, or a name of this machine."""
+        host = (header or "").strip().lower()
+        if not host:
+            return True                          # HTTP/1.0 clients send none; browsers always do
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name.rstrip(".") in self.names
+
+
+def connection_limit(wanted, slots):
+    """`wanted`, or fewer when the open-file limit leaves too few descriptors for them
+    beside those open now, SPARE_FDS and two per slot (a slot restarting opens a pipe)."""
+    if resource is None:
+        return wanted
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return wanted
     try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16 + 4 * slots
+    return max(4, min(wanted, soft - in_use - SPARE_FDS - 2 * slots))
 
 
 def run_worker(job, args):
     key = load_key(args.key_file)
-    if key is None and not is_loopback(args.bind) and not args.insecure:
-        raise OdenError("no key: refusing to listen on %s without one. Run 'python3 oden.py init' on your PC and "
-                        "copy %s here (or set $%s), or pass --insecure on a network you trust"
-                        % (args.bind, KEY_FILE, KEY_ENV))
+    if key is None and not args.insecure:
+        raise OdenError("no key: refusing to start without one (any web page could run code "
+                        "here). Run 'python3 oden.py init' on your PC and copy %s here (or set "
+                        "$%s), or pass --insecure on a network you trust" % (KEY_FILE, KEY_ENV))
     if key is None:
         log.warning("no key (%s or $%s): anyone who can reach this port can run code here", KEY_FILE, KEY_ENV)
     tls = None
@@ -1413,9 +1837,13 @@ def run_worker(job, args):
                         "it was started with --no-push" if args.no_push else
                         "it has no key: pushes need one" if key is None else None, args.max_push)
     state.start_slots()
+    limit = connection_limit(args.max_connections, 0 if args.threads else args.slots)
+    if limit < args.max_connections:
+        log.warning("the open-file limit (ulimit -n) leaves room for %d connections at once: "
+                    "raise it (e.g. 'ulimit -n 4096') before starting the worker for more", limit)
     try:
-        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status, args.max_body, tls,
-                              keeper)
+        server = WorkerServer((args.bind, args.port), state, Codec(key), job.show_status,
+                              args.max_body, tls, limit, args.request_timeout, keeper)
     except OSError as e:
         state.stop_slots()
         raise OdenError("cannot listen on %s:%s (%s): pick another --port or stop what uses it"
@@ -1537,10 +1965,11 @@ OURS = "ours"                            # a bug in the manager: never the worke
 
 class HostClient:
     """The manager's line to one worker: a kept-alive HTTP connection (or a new
-    urllib request each time with keepalive=False), every body through Codec."""
+    one for each request with keepalive=False), every body through Codec."""
 
-    def __init__(self, host, codec, request_timeout, tls=None, keepalive=True):
+    def __init__(self, host, codec, request_timeout, tls=None, keepalive=True, max_reply=MAX_REPLY):
         self.host, self.codec, self.timeout, self.tls, self.keepalive = host, codec, request_timeout, tls, keepalive
+        self.max_reply = max_reply
         self.boot = None
         self.connection = None
         self.meanwhile = None
@@ -1559,7 +1988,7 @@ class HostClient:
 
     def call(self, path, message, extra_wait=0, meanwhile=None):
         """Send a message and return the worker's answer.  `meanwhile()` runs exactly once:
-        while the worker works on the request (before it is sent, with keepalive=False)."""
+        while the worker works on the request (or after a failure)."""
         self.meanwhile = meanwhile
         try:
             return self._call(path, message, extra_wait)
@@ -1602,7 +2031,7 @@ class HostClient:
     def _refusal(self, status, reply):
         """The HostError for a reply other than 200: what the worker said, and what it means."""
         lines = reply.decode("utf-8", "replace").strip().splitlines()
-        said = "HTTP %d: %s" % (status, printable(lines[0])[:200] if lines else "no reason given")
+        said = "HTTP %d: %s" % (status, lines[0] if lines else "no reason given")   # peer_text'ed
         if status == 409:
             return HostError(said, RESTARTED)
         if status == 401 and self.codec.key is None:
@@ -1613,39 +2042,150 @@ class HostClient:
         return HostError(said, REFUSED if 400 <= status < 500 else GONE)
 
     def _post(self, path, body, headers, request_timeout):
+        """Send one request; return the answer's (status, auth header, body).  All of it
+        ends within request_timeout (plus len(body) / SLOWEST_RATE for the upload)
+        whatever the worker does: see http_request.  Redirects are never followed.  An
+        answer over max_reply bytes (SMALL_REPLY for /hello) raises HostError unread, and
+        an error answer's text comes back escaped and cut to one line (peer_text)."""
         headers = dict(headers, **{"Content-Type": "application/octet-stream"})
         if not self.keepalive:
-            self._run_meanwhile()
-            request = urllib.request.Request(self.host.uri + path, body, headers)
-            try:
-                with urllib.request.urlopen(request, timeout=request_timeout, context=self.tls) as response:
-                    return response.status, response.headers.get(AUTH_HEADER), response.read()
-            except urllib.error.HTTPError as e:
-                return e.code, None, e.read()
-            except urllib.error.URLError as e:
-                raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
+            headers["Connection"] = "close"
         if self.connection is None:
             self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port, context=self.tls)
                                if self.tls else http.client.HTTPConnection(self.host.address, self.host.port))
-        self.connection.timeout = request_timeout
-        if self.connection.sock is not None:
-            self.connection.sock.settimeout(request_timeout)
-        self.connection.request("POST", path, body, headers)
+        limit, hint = ((SMALL_REPLY, "that port is not an oden worker") if path == "/hello" else
+                       (self.max_reply, "pass a larger --max-reply if results are that large"))
         try:
-            self._run_meanwhile()
+            response, data = http_request(self.connection, "POST", path, body, headers,
+                                          request_timeout + len(body) / SLOWEST_RATE, limit, hint,
+                                          self._run_meanwhile)
         except BaseException:
             self.close()                 # its answer would be left unread on the connection
             raise
-        response = self.connection.getresponse()
-        data = response.read()
-        if response.will_close:
+        if response.will_close or not self.keepalive or not response.isclosed():
             self.close()
+        if response.status != 200:
+            data = peer_text(data).encode()
         return response.status, response.getheader(AUTH_HEADER), data
 
     def close(self):
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+
+
+def http_request(connection, method, path, body, headers, seconds, limit, hint, meanwhile=None):
+    """One request on an http.client connection; return (response, body of the answer).
+
+    All of it, connecting, sending and receiving, ends within `seconds` (the time
+    meanwhile() takes, between sending and receiving, does not count), however slowly
+    the peer answers: else HostError.  A 200 answer over `limit` bytes raises HostError
+    without being read (`hint` says what to do); an error answer's body is cut to
+    SMALL_REPLY.  Other failures raise what http.client raises.
+    """
+    connection.timeout = seconds         # connecting, and each read or write on its own
+    if connection.sock is not None:
+        connection.sock.settimeout(seconds)
+    watch = WATCHDOG.arm(connection, seconds)
+    try:
+        connection.request(method, path, body, headers)
+        if meanwhile is not None:
+            WATCHDOG.pause(watch)
+            meanwhile()
+            WATCHDOG.resume(watch)
+        response = connection.getresponse()
+        data = read_answer(response, limit, hint)
+    except (OSError, http.client.HTTPException):
+        if WATCHDOG.disarm(watch):
+            raise HostError("no whole answer within %g s (--timeout): it answers too slowly, or "
+                            "that port is not an oden worker" % round(seconds, 1), TIMEOUT) from None
+        raise
+    except BaseException:
+        WATCHDOG.disarm(watch)
+        raise
+    if WATCHDOG.disarm(watch):
+        connection.close()               # cut as the answer came: keep it, not the connection
+    return response, data
+
+
+def read_answer(response, limit, hint):
+    """The body of an answer, refused unread when a 200 answer is over `limit` bytes."""
+    if response.status != 200:
+        return response.read(SMALL_REPLY)            # its text is shown cut to one line anyway
+    if response.length is not None:
+        if response.length > limit:
+            raise HostError("its answer of %d bytes is over the limit of %d: %s"
+                            % (response.length, limit, hint), REFUSED)
+        return response.read()
+    chunks, size = [], 0                             # no length given: read until it ends
+    while size <= limit:
+        chunk = response.read(min(2 ** 20, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    raise HostError("its answer is over the limit of %d bytes: %s" % (limit, hint), REFUSED)
+
+
+class Watchdog:
+    """Cuts off requests that run past their deadline.
+
+    A socket time-out bounds each read on its own, not a whole request: a peer
+    that drips one byte a second would hold a request, its host thread and the
+    end of the run for ever.  So each request is armed with its deadline, and a
+    thread that wakes every WATCH_EVERY s shuts down the socket of one past it;
+    the request then fails at once.  The lock is held during a shutdown too, so
+    a request disarmed in time is never touched.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.armed = {}              # token -> [deadline (None: paused), connection, cut, s left]
+        self.tokens = 0
+        self.thread = None
+
+    def arm(self, connection, seconds):
+        """Watch an http.client connection for `seconds`; returns the token for the other calls."""
+        with self.lock:
+            self.tokens += 1
+            self.armed[self.tokens] = [time.monotonic() + seconds, connection, False, None]
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+                self.thread.start()
+            return self.tokens
+
+    def pause(self, token):
+        with self.lock:
+            entry = self.armed[token]
+            if entry[0] is not None:
+                entry[0], entry[3] = None, entry[0] - time.monotonic()
+
+    def resume(self, token):
+        with self.lock:
+            entry = self.armed[token]
+            if entry[0] is None:
+                entry[0] = time.monotonic() + entry[3]
+
+    def disarm(self, token):
+        """Stop watching; True if the deadline had passed and the connection was cut."""
+        with self.lock:
+            return self.armed.pop(token)[2]
+
+    def _run(self):
+        while True:
+            time.sleep(WATCH_EVERY)              # not woken per request: that costs a thread switch
+            now = time.monotonic()
+            with self.lock:
+                for entry in self.armed.values():
+                    if entry[0] is not None and entry[0] < now and not entry[2]:
+                        entry[2] = True
+                        sock = entry[1].sock
+                        if sock is not None:
+                            with contextlib.suppress(OSError):
+                                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+WATCHDOG = Watchdog()
 
 
 def explain_network_error(error, seconds):
@@ -1662,7 +2202,7 @@ def explain_network_error(error, seconds):
                           http.client.BadStatusLine)):
         return ("connection closed without an answer: the worker died, that port is not an oden worker, "
                 "or the worker serves TLS (then pass --cafile)")
-    return one_line(error)
+    return peer_text(one_line(error))          # e.g. http.client's errors quote what the peer sent
 
 
 class TaskBoard:
@@ -1958,7 +2498,8 @@ class HostRunner:
 
     def __init__(self, run, host):
         self.run, self.host = run, host
-        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls, run.settings.keepalive)
+        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls,
+                                 run.settings.keepalive, run.settings.max_reply)
         self.in_flight = {}              # batch id -> [task indices]
         self.waiting = []                # ids of the batches in flight that no slot has started
         self.arrived = []                # records of the last answer, written during the next request
@@ -3118,17 +3659,44 @@ def client_tls(cafile):
 
 
 def fetch_status(host, request_timeout, tls=None):
-    """One host's /status.json, or {"error": reason}."""
+    """One host's /status.json, or {"error": reason}, within request_timeout whatever it does."""
+    connection = (http.client.HTTPSConnection(host.address, host.port, context=tls) if tls
+                  else http.client.HTTPConnection(host.address, host.port))
     try:
-        with urllib.request.urlopen(host.uri + "/status.json", timeout=request_timeout, context=tls) as response:
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as e:
-        return {"error": "HTTP %d: not an oden worker?" % e.code}
-    except urllib.error.URLError as e:
-        return {"error": explain_network_error(e.reason, request_timeout) if isinstance(e.reason, OSError)
-                else str(e.reason)}
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        response, data = http_request(connection, "GET", "/status.json", None,
+                                      {"Connection": "close"}, request_timeout, SMALL_REPLY,
+                                      "not an oden worker")
+    except HostError as e:
+        return {"error": str(e)}
+    except (OSError, http.client.HTTPException) as e:
         return {"error": explain_network_error(e, request_timeout)}
+    finally:
+        connection.close()
+    if response.status != 200:
+        return {"error": "HTTP %d: not an oden worker?" % response.status}
+    return checked_status(data)
+
+
+STATUS_FIELDS = ("state", str), ("slots", int), ("slots_busy", int), ("done", int), ("failed", int)
+
+
+def checked_status(data):
+    """A /status.json answer as a dict fit to show, or {"error": reason} when it is no worker's."""
+    try:
+        state = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):             # RecursionError: deeply nested JSON
+        return {"error": "not an oden worker: its /status.json is not JSON"}
+    if not isinstance(state, dict):
+        return {"error": "not an oden worker: its /status.json is not an object"}
+    wrong = [field for field, kind in STATUS_FIELDS
+             if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool)]
+    if wrong:
+        return {"error": "not an oden worker: its /status.json lacks a valid %s" % ", ".join(wrong)}
+    load = state.get("load")
+    if not (isinstance(load, list) and load and all(isinstance(x, (int, float)) for x in load)):
+        state["load"] = None
+    state["state"] = peer_text(state["state"], 20)
+    return state
 
 
 def run_status(job, settings):
@@ -3138,7 +3706,7 @@ def run_status(job, settings):
     if tls:
         for host in hosts:
             host.scheme = "https"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(256, len(hosts))) as pool:
         states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
     rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "code", "")]
     for host, state in zip(hosts, states):
@@ -3325,7 +3893,11 @@ def build_parser(job):
         p.add_argument("--pack", action="store_true", help="write the successes that arrive together into one "
                        ".pack.pickle file (a list of records): for very many small tasks")
         p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
-        p.add_argument("--no-keepalive", dest="keepalive", action="store_false", help="a new connection (urllib) for every request")
+        p.add_argument("--no-keepalive", dest="keepalive", action="store_false",
+                       help="a new connection for every request")
+        p.add_argument("--max-reply", type=positive_int, default=MAX_REPLY,
+                       help="largest answer from a worker in bytes; raise it for huge results "
+                            "(default %(default)s)")
         p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
         p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
         p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code to "
@@ -3351,9 +3923,17 @@ def build_parser(job):
                    "copy the project here yourself")
     p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code "
                    "in bytes (default %(default)s)")
+    p.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
+                   help="connections served at once; idle ones close first (default %(default)s, "
+                        "fewer at a low open-file limit)")
+    p.add_argument("--request-timeout", type=positive_float, default=REQUEST_READ_TIMEOUT,
+                   help="seconds a client has for a whole request head, and beyond size / %d "
+                        "bytes/s for a body or a reply (default %%(default)s)" % SLOWEST_RATE)
     p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
     p.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
-    p.add_argument("--insecure", action="store_true", help="listen beyond loopback without a key (trusted networks only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without a key: anyone who reaches the port can run code "
+                        "(trusted networks only)")
     p.add_argument("--name", default=job.name, help=argparse.SUPPRESS)
     p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every request")

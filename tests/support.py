@@ -349,3 +349,39 @@ def kill_session(session):
     for pid in session_processes(session):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+# ---------------------------------------------------------- /proc figures and resource limits
+
+def proc_status_field(pid, field):
+    """A field of /proc/PID/status as an int (VmRSS and VmHWM in kB, Threads a count)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_mib(pid):
+    return proc_status_field(pid, "VmRSS") / 1024
+
+
+def thread_count(pid):
+    return proc_status_field(pid, "Threads")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process so far, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_worker_with_open_files(project, limit, *args):
+    """project.start_worker(*args) with its open-file limit (ulimit -n) lowered to `limit`:
+    the worker inherits the soft limit this process has while it starts it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        return project.start_worker(*args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
