@@ -250,7 +250,49 @@ def _mac(key, *parts):
 
 
 def _digest(body):
-    return hashlib.sha256(body).hexdigest().encode()
+    """SHA-256 hex (bytes) of a body: bytes, or the list of parts encode() makes."""
+    digest = hashlib.sha256()
+    for part in (body,) if isinstance(body, (bytes, bytearray, memoryview)) else body:
+        digest.update(part)
+    return digest.hexdigest().encode()
+
+
+FRAMES = b"oden-frames "            # a body in frames starts so (a plain pickle starts with \x80)
+OUT_OF_BAND = 64 * 2 ** 10          # bytes: a task's pickle this large travels as a frame of its own
+
+
+def encode(message):
+    """A message as a POST body: a plain pickle (bytes), or, when the message holds
+    pickle.PickleBuffer objects (a submit's big tasks), a list of parts: the line
+    "oden-frames <size> <size>...\n", a protocol-5 pickle and those buffers as they are,
+    so that a big task is never copied into a body (the manager holds it once)."""
+    buffers = []
+    main = pickle.dumps(message, 5, buffer_callback=buffers.append)
+    if not buffers:
+        return main
+    views = [buffer.raw() for buffer in buffers]
+    sizes = " ".join(str(len(part)) for part in [main] + views)
+    return [FRAMES + sizes.encode() + b"\n", main] + views
+
+
+def decode(body):
+    """The message of a body that encode() made; its big tasks come as read-only memoryviews
+    into the body.  Raises ValueError (bad frames) or what unpickling raises."""
+    if not body.startswith(FRAMES):
+        return pickle.loads(body)
+    end = body.index(b"\n", 0, 64 * 1024)
+    sizes = [int(size) for size in body[len(FRAMES):end].split()]
+    if not sizes or end + 1 + sum(sizes) != len(body):
+        raise ValueError("frames of %s bytes do not add up to a body of %d" % (sum(sizes), len(body)))
+    view, start, parts = memoryview(body), end + 1, []
+    for size in sizes:
+        parts.append(view[start:start + size])
+        start += size
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def body_size(body):
+    return len(body) if isinstance(body, (bytes, bytearray)) else sum(len(part) for part in body)
 
 
 class Codec:
@@ -266,18 +308,20 @@ class Codec:
 
     # -- manager side --------------------------------------------------
     def seal_request(self, path, message, boot):
-        """Return (body, headers, ticket); the ticket opens the matching reply."""
-        body = dumps(message)
+        """Return (body, headers, ticket): the body as encode() makes it; the ticket opens the
+        matching reply."""
+        body = encode(message)
         with self._lock:
             self._counter += 1
             counter = str(self._counter)
+        length = {"Content-Length": str(body_size(body))}     # http.client cannot count parts
         if self.key is None:
-            return body, {AUTH_HEADER: UNSIGNED}, None
+            return body, dict(length, **{AUTH_HEADER: UNSIGNED}), None
         fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
         mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields),
-                   str(len(body)).encode())
+                   length["Content-Length"].encode())
         header = " ".join([AUTH_VERSION] + fields + [mac])
-        return body, {AUTH_HEADER: header}, (self.session, counter)
+        return body, dict(length, **{AUTH_HEADER: header}), (self.session, counter)
 
     def open_reply(self, ticket, status, header, body):
         if self.key is not None:
@@ -288,7 +332,7 @@ class Codec:
                                     str(status).encode(), _digest(body))
             if not hmac.compare_digest(header.encode(), expected.encode()):
                 raise AuthError(0, "its reply is not signed with our key: copy oden.key from this PC to it")
-        return pickle.loads(body)
+        return decode(body)
 
     # -- worker side ---------------------------------------------------
     def check_head(self, path, header, length, boot):
@@ -327,7 +371,7 @@ class Codec:
         """Check that the body is the one the head signed, then unpickle it."""
         if self.key is not None and not hmac.compare_digest(_digest(body), ticket[2].encode()):
             raise AuthError(403, "bad signature: the body is not the one signed (altered message)")
-        return pickle.loads(body)
+        return decode(body)
 
     def open_request(self, path, header, body, boot):
         """check_head() and open_body() at once: return (message, reply ticket)."""
@@ -345,7 +389,7 @@ class Codec:
                 self._seen = {s: v for s, v in self._seen.items() if now - v[1] < 3 * MAX_CLOCK_SKEW}
 
     def seal_reply(self, ticket, status, message):
-        body = dumps(message)
+        body = encode(message)
         if self.key is None or ticket is None:
             return body, {AUTH_HEADER: UNSIGNED}
         mac = _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(), str(status).encode(), _digest(body))
@@ -730,7 +774,8 @@ def slot_process_main(conn, calc, position, lifeline):
     try:
         conn.send("ready")
         while True:
-            items = conn.recv()
+            items = [(index, conn.recv_bytes() if task is None else task)      # see send_batch
+                     for index, task in conn.recv()]
             records = []
             for number, (index, task_bytes) in enumerate(items):
                 position.value = number
@@ -759,6 +804,16 @@ def kill_slot_process(process):
             os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         process.kill()
+
+
+def send_batch(conn, items):
+    """Send [(index, task pickle)] to a slot's child in one message, but a big task (a
+    memoryview into the request that brought it) after it, as raw bytes: never copied into
+    the message.  slot_process_main() reads them back in order."""
+    conn.send([(index, None if isinstance(task, memoryview) else task) for index, task in items])
+    for _, task in items:
+        if isinstance(task, memoryview):
+            conn.send_bytes(task)
 
 
 class Slot:
@@ -860,7 +915,7 @@ class ProcessSlot(Slot):
             self.ready()
         with contextlib.suppress(OSError, AttributeError):     # a dead child is found by collect()
             self.position.value = 0
-            self.conn.send(self.todo)
+            send_batch(self.conn, self.todo)
 
     def collect(self, mark_started):
         """Wait for the batch's records: (batch, records).  A crash or a time-out gives
@@ -1125,7 +1180,7 @@ class WorkerState:
             run = self.runs.get(batch.run_id)
             if run is not None and run.running.get(batch.id) is batch:
                 del run.running[batch.id]
-            batch.since = None
+            batch.since, batch.items = None, ()      # its tasks (maybe a big request) can go
             if run is None or batch.cancelled or self.stopping:
                 return                   # run gone, or cut off by shutdown: never reported
             batch.records = records
@@ -2057,7 +2112,7 @@ class HostClient:
                        (self.max_reply, "pass a larger --max-reply if results are that large"))
         try:
             response, data = http_request(self.connection, "POST", path, body, headers,
-                                          request_timeout + len(body) / SLOWEST_RATE, limit, hint,
+                                          request_timeout + body_size(body) / SLOWEST_RATE, limit, hint,
                                           self._run_meanwhile)
         except BaseException:
             self.close()                 # its answer would be left unread on the connection
@@ -2598,7 +2653,7 @@ class HostRunner:
         larger than the worker's whole limit can never go there: it is that task's error."""
         kept = []
         for position, index in enumerate(indices):
-            size = len(self.run.task_bytes[index]) + ITEM_ENVELOPE
+            size = self.run.tasks.size(index) + ITEM_ENVELOPE
             if size > self.max_body - REQUEST_ENVELOPE:
                 self.run.board.release([index])
                 self.run.accept(self.host, [error_record(
@@ -2671,8 +2726,8 @@ class HostRunner:
         elif not batches and self.waiting and self.run.board.hunger:
             message["give_back"] = min(len(self.waiting), self.run.board.hunger)
         if batches:
-            limit = self.run.settings.task_timeout
-            message["batches"] = [(b, [(i, self.run.task_bytes[i]) for i in indices], limit)
+            limit, tasks = self.run.settings.task_timeout, self.run.tasks
+            message["batches"] = [(b, [(i, tasks.wire(i)) for i in indices], limit)
                                   for b, indices in batches]
         return message
 
@@ -2697,7 +2752,7 @@ class HostRunner:
         when claimed.)"""
         indices = self.in_flight.pop(batch_id, None)
         if indices is None:
-            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.task_bytes)]
+            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.tasks)]
         held = set(indices)
         kept = [r for r in records if r.get("index") in held]
         unanswered = held - {r["index"] for r in kept}
@@ -2872,12 +2927,15 @@ def claim_stamp(folder, name):
     raise OdenError("no free stamp for run %r in %s: clean up its log files" % (name, folder))
 
 
-def write_atomically(path, data):
-    """Temporary file in the same folder, flush, fsync, rename: a crash leaves the old state or the new."""
+def write_atomically(path, record):
+    """Pickle `record` into a temporary file in the same folder, flush, fsync, rename: a crash
+    leaves the old state or the new.  Pickled straight into the file, so a big result is not
+    copied into memory first.  Raises OSError (disk, permissions) or what pickling raises;
+    either way no file is left."""
     temp = "%s%s%s" % (path, TEMP_MARK, secrets.token_hex(4))
     try:
         with open(temp, "wb") as f:
-            f.write(data)
+            pickle.dump(record, f, PICKLE_PROTOCOL)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
@@ -3080,7 +3138,7 @@ def load_results(name=None, folder=".", errors=False):
 class Run:
     """Everything one manager run shares between its host threads."""
 
-    def __init__(self, job, settings, task_bytes, indices, hosts, key, tls, stamp, resume_hint):
+    def __init__(self, job, settings, tasks, indices, hosts, key, tls, stamp, resume_hint):
         self.job, self.settings, self.hosts, self.tls = job, settings, hosts, tls
         self.id = secrets.token_hex(6)
         self.stamp = stamp               # from claim_stamp(): in every file name of this run
@@ -3088,8 +3146,8 @@ class Run:
         self.key = key                   # each HostClient signs with a Codec (a session) of its own
         self.manifest = code_manifest(job.files)   # {relative path: sha256}: see "The code of a run"
         self.code = manifest_digest(self.manifest)
-        self.task_bytes = task_bytes     # index -> the task pickled: the manager's only copy of it
-        self.mean_task_bytes = sum(len(task_bytes[i]) for i in indices) / max(1, len(indices))
+        self.tasks = tasks               # Tasks: the manager's one copy of each
+        self.mean_task_bytes = sum(tasks.size(i) for i in indices) / max(1, len(indices))
         self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
         self.fleet = Fleet(hosts)
         self.lock = threading.Lock()
@@ -3142,22 +3200,25 @@ class Run:
     def _write_all(self, host, fresh):
         """Write `fresh` (a pack of the successes with --pack) and return what the files hold."""
         done = [contents for contents in fresh if "result" in contents]
-        packed = None
         if self.settings.pack and done:
-            with contextlib.suppress(Exception):      # a result that cannot be pickled: one by one
-                packed = dumps(done)
-        if packed is None:
-            return [self._write_one(host, contents) for contents in fresh]
-        self._write(host, done[0]["index"], PACK_SUFFIX, packed)
-        return done + [self._write_one(host, contents) for contents in fresh if "result" not in contents]
+            try:
+                self._write(host, done[0]["index"], PACK_SUFFIX, done)
+                return done + [self._write_one(host, c) for c in fresh if "result" not in c]
+            except OSError:
+                raise
+            except Exception:                # a result that cannot be pickled: one by one
+                pass
+        return [self._write_one(host, contents) for contents in fresh]
 
     def _write_one(self, host, contents):
         try:
-            data = dumps(contents)
-        except Exception as e:
+            self._write(host, contents["index"], DONE_SUFFIX if "result" in contents else ERROR_SUFFIX,
+                        contents)
+        except OSError:
+            raise
+        except Exception as e:               # its result cannot be pickled here
             contents = self._as_error(contents, "the result arrived but cannot be saved", e)
-            data = dumps(contents)
-        self._write(host, contents["index"], DONE_SUFFIX if "result" in contents else ERROR_SUFFIX, data)
+            self._write(host, contents["index"], ERROR_SUFFIX, contents)
         return contents
 
     @staticmethod
@@ -3179,7 +3240,7 @@ class Run:
     def _contents(self, host, record):
         """The dict a result file holds (see README.md "Result files")."""
         index = record["index"]
-        contents = {"name": self.settings.name, "index": index, "task": pickle.loads(self.task_bytes[index]),
+        contents = {"name": self.settings.name, "index": index, "task": self.tasks.task(index),
                     "host": host.label,
                     "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
         if not record["ok"]:
@@ -3191,9 +3252,9 @@ class Run:
             contents = self._as_error(contents, "the result cannot be unpickled", e)
         return contents
 
-    def _write(self, host, index, suffix, data):
+    def _write(self, host, index, suffix, record):
         name = result_file_name(self.settings.name, host.number, self.stamp, index, suffix)
-        write_atomically(os.path.join(self.settings.folder, name), data)
+        write_atomically(os.path.join(self.settings.folder, name), record)
 
     def _count(self, host, contents):
         ok = "result" in contents
@@ -3265,19 +3326,56 @@ class ResultWriter(threading.Thread):
                     log.exception("the result writer failed on %d results", len(fresh))
 
 
-def pickle_tasks(tasks, consume=False):
-    """Pickle every task before anything is sent; name the first that cannot travel.  With
-    `consume`, each task leaves the list once pickled, so that big tasks are not held twice."""
-    pickled = []
-    for index, task in enumerate(tasks):
-        try:
-            pickled.append(dumps(task))
-            if consume:
-                tasks[index] = None
-        except Exception as e:
-            raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as numbers, strings, "
-                            "tuples, lists and dicts, not lambdas or open files" % (index, one_line(e)))
-    return pickled
+def pickle_task(index, task):
+    """The task's pickle; OdenError naming the task when it cannot travel."""
+    try:
+        return dumps(task)
+    except Exception as e:
+        raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as numbers, strings, "
+                        "tuples, lists and dicts, not lambdas or open files" % (index, one_line(e)))
+
+
+def pickle_tasks(tasks):
+    """Every task pickled, before anything is sent: the first that cannot travel is named."""
+    return [pickle_task(index, task) for index, task in enumerate(tasks)]
+
+
+class Tasks:
+    """The manager's one copy of each task of a run, by index: a small task as its pickle
+    (smaller than most objects, and ready to send), a task whose pickle has OUT_OF_BAND bytes
+    or more as the object itself, pickled again when it is sent, straight into the request's
+    frames (see encode()).  So a big task is held once, not as object and pickle.  Made from
+    the list make_tasks() returned, which it empties as it goes; OdenError names a task that
+    cannot be pickled."""
+
+    def __init__(self, tasks):
+        self.entries = []                # index -> pickle (bytes), or the task itself when big
+        self.big = {}                    # index -> size of its pickle, for the big ones
+        for index, task in enumerate(tasks):
+            data = pickle_task(index, task)
+            if len(data) < OUT_OF_BAND:
+                self.entries.append(data)
+            else:
+                self.entries.append(task)
+                self.big[index] = len(data)
+            tasks[index] = data = None   # the caller's list lets go of it: one copy
+
+    def __len__(self):
+        return len(self.entries)
+
+    def size(self, index):
+        """Bytes the task's pickle takes."""
+        return self.big.get(index) or len(self.entries[index])
+
+    def wire(self, index):
+        """The task as it goes into a submit: its pickle, or a PickleBuffer of it (a frame)."""
+        if index in self.big:
+            return pickle.PickleBuffer(dumps(self.entries[index]))
+        return self.entries[index]
+
+    def task(self, index):
+        """The task itself (for its result file)."""
+        return self.entries[index] if index in self.big else pickle.loads(self.entries[index])
 
 
 class Progress:
@@ -3429,8 +3527,7 @@ def run_manager(job, settings, resume, argv, stamp=None):
     if tls:
         for host in hosts:
             host.scheme = "https"
-    task_bytes = pickle_tasks(tasks, consume=True)    # the pickles stand for the tasks from here on
-    run = Run(job, settings, task_bytes, indices, hosts, key, tls, stamp, hint)
+    run = Run(job, settings, Tasks(tasks), indices, hosts, key, tls, stamp, hint)
     log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
     return drive(run)
 

@@ -465,7 +465,7 @@ def ledger_bytes_per_task(make_tasks, small, large):
         tracemalloc.start()
         tasks = make_tasks(n)
         board = oden.TaskBoard(range(n), oden.MAX_ATTEMPTS, oden.MAX_DEATHS)
-        kept = (tasks, oden.pickle_tasks(tasks), board, board.take(n))
+        kept = (oden.Tasks(tasks), board, board.take(n))      # Tasks empties the list
         size = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         del kept

@@ -19,8 +19,7 @@ class StubRun:
     """What a HostRunner needs of its run, recording what it is asked to save."""
 
     def __init__(self, tasks, max_attempts=5, max_deaths=3):
-        self.tasks = tasks
-        self.task_bytes = [oden.dumps(t) for t in tasks]
+        self.tasks = oden.Tasks(list(tasks))
         self.board = oden.TaskBoard(range(len(tasks)), max_attempts, max_deaths)
         self.accepted = []
 
@@ -103,12 +102,39 @@ class TailTest(unittest.TestCase):
         self.assertEqual(board.take_straggler(0), 0)
 
 
+class TasksTest(unittest.TestCase):
+    def test_big_tasks_are_held_once_as_themselves_and_sent_in_frames(self):
+        big, small = b"x" * oden.OUT_OF_BAND, ("small", 1)
+        given = [small, big]
+        tasks = oden.Tasks(given)
+        self.assertEqual(given, [None, None])                             # the list let go
+        self.assertIs(tasks.task(1), big)
+        self.assertEqual(tasks.task(0), small)
+        self.assertEqual(tasks.size(1), len(oden.dumps(big)))
+        body = oden.encode({"batches": [(1, [(i, tasks.wire(i)) for i in (0, 1)], None)]})
+        self.assertIsInstance(body, list)
+        self.assertTrue(all(len(part) < 200 for part in body[:2]))        # the task is no copy
+        message = oden.decode(b"".join(body))
+        [(_, items, _)] = message["batches"]
+        self.assertEqual(pickle.loads(items[0][1]), small)
+        self.assertEqual(pickle.loads(items[1][1]), big)
+        self.assertEqual(oden.decode(oden.encode({"plain": 1})), {"plain": 1})
+        for bad in (oden.FRAMES + b"5 9\n" + b"x" * 3, oden.FRAMES + b"\n"):
+            with self.assertRaises(ValueError):
+                oden.decode(bad)
+
+    def test_a_task_that_cannot_be_pickled_is_named(self):
+        with self.assertRaises(oden.OdenError) as error:
+            oden.Tasks([1, lambda: 2])
+        self.assertIn("task 1 cannot be pickled", str(error.exception))
+
+
 class RequestSizeTest(unittest.TestCase):
     def test_a_task_over_the_limit_is_its_error_and_the_rest_wait_for_the_next_request(self):
         tasks = ["x" * 300, "y" * 10, "z" * 600000, "w" * 10]
         run = StubRun(tasks)
         runner = StubRunner(run, max_body=oden.REQUEST_ENVELOPE + 1000)
-        sizes = [len(b) + oden.ITEM_ENVELOPE for b in run.task_bytes]
+        sizes = [run.tasks.size(i) + oden.ITEM_ENVELOPE for i in range(len(tasks))]
         kept, room = runner._fit(run.board.take(4), 700)
         self.assertEqual((kept, room), ([0, 1, 3], 700 - sizes[0] - sizes[1] - sizes[3]))
         [error] = run.accepted
