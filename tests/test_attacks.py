@@ -27,14 +27,9 @@ import support  # noqa: E402
 
 sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402  (the repository's oden.py: its Codec signs our requests)
+import test_security  # noqa: E402
 
-SQUARES = """
-    def make_tasks():
-        return list(range(6))
-
-    def calc(x):
-        return x * x
-"""
+SQUARES = test_security.SQUARES
 QUICK = ("--timeout", "10", "--interval-polling", "0.2")
 
 

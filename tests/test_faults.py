@@ -55,14 +55,7 @@ def freeze(pid):
     return wait_for(stopped, 10, 0.01)
 
 
-def wait_for(predicate, seconds=60, interval=0.05):
-    """Poll `predicate` until true or `seconds` pass; return its last value."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+wait_for = support.wait_for
 
 
 class Manager:
