@@ -314,12 +314,12 @@ class Codec:
         with self._lock:
             self._counter += 1
             counter = str(self._counter)
-        length = {"Content-Length": str(body_size(body))}     # http.client cannot count parts
+        size = body_size(body)
+        length = {} if isinstance(body, bytes) else {"Content-Length": str(size)}  # parts: not counted
         if self.key is None:
             return body, dict(length, **{AUTH_HEADER: UNSIGNED}), None
         fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
-        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields),
-                   length["Content-Length"].encode())
+        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), str(size).encode())
         header = " ".join([AUTH_VERSION] + fields + [mac])
         return body, dict(length, **{AUTH_HEADER: header}), (self.session, counter)
 
