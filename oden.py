@@ -186,6 +186,7 @@ MAX_ATTEMPTS = 5                    # infrastructure failures (connection, timeo
 MAX_DEATHS = 3                      # worker deaths a task may witness before it is an error (poison task)
 GIVE_UP_AFTER = 300                 # seconds every host may be down before the manager stops
 BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
+SLOT_BACKOFF = (0.1, 5)             # first and longest wait of a slot whose process fails to start
 OUTPUT_TAIL = 4000                  # characters of what calc printed kept per task
 RUN_LEASE = 180                     # seconds a silent manager run keeps its batches on a worker
 RUN_QUIET = 10                      # seconds of silence after which a run's batches queue last
@@ -1118,14 +1119,20 @@ class WorkerState:
     def _slot_loop(self, slot):
         """Body of a slot's thread: take a batch, collect its records, report them.  No
         exception ends it: a failure of the slot itself (calc's exceptions are records
-        already) becomes error records for the batch it held, and the loop goes on."""
+        already; a process that cannot start, at a full descriptor table, say) becomes error
+        records for the batch it held, and the loop goes on after a backoff that doubles
+        while failures repeat (SLOT_BACKOFF)."""
+        backoff = SLOT_BACKOFF[0]
         while True:
             try:
                 if slot.batch is None:
                     self._feed(slot, wait=True)
                 batch, records = slot.collect(self._mark_started)
+                backoff = SLOT_BACKOFF[0]
             except BaseException:
                 self._slot_failed(slot)
+                time.sleep(backoff)      # a failure that repeats must not spin
+                backoff = min(2 * backoff, SLOT_BACKOFF[1])
                 continue
             try:
                 self._feed(slot, wait=False)     # the next batch first: it runs during the report
@@ -1151,7 +1158,6 @@ class WorkerState:
                                                if index not in answered])
         except BaseException:
             log.exception("a slot failed twice")
-        time.sleep(0.1)                  # a failure that repeats must not spin
 
     def _feed(self, slot, wait):
         """Give the slot its next batch: waiting for one if `wait`, else only if the queue

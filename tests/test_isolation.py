@@ -552,6 +552,31 @@ class SlotLoopTest(unittest.TestCase):
         self.assertEqual(pickle.loads(fine["result"]), 4)
         self.assertIn("a bug in the slot", "\n".join(logs.output))
 
+    def test_a_slot_whose_process_cannot_start_backs_off_and_reports_the_reason(self):
+        state = oden.WorkerState(lambda x: 2 * x, 1, True, None, "t")
+        original, calls = oden.ThreadSlot.send, []
+
+        def send(slot, batch):
+            calls.append(time.monotonic())
+            if len(calls) <= 3:
+                raise OSError(24, "Too many open files")
+            return original(slot, batch)
+        self.addCleanup(state.stop_slots)
+        with unittest.mock.patch.object(oden.ThreadSlot, "send", send), self.assertLogs("oden", "ERROR"):
+            state.start_slots()
+            batches = [(b, [(b, oden.dumps(b))], None) for b in (1, 2, 3, 4)]
+            state.submit({"run": "r", "ack": [], "batches": batches})
+            found, deadline = {}, time.monotonic() + 20
+            while len(found) < 4 and time.monotonic() < deadline:
+                found.update(state.poll({"run": "r", "ack": list(found), "wait": 1})["done"])
+        self.assertEqual([found[b][0]["exception"] for b in (1, 2, 3)],
+                         ["OSError: [Errno 24] Too many open files"] * 3)
+        self.assertEqual(pickle.loads(found[4][0]["result"]), 8)
+        gaps = [b - a for a, b in zip(calls, calls[1:])]
+        self.assertGreaterEqual(gaps[0], 0.1)
+        self.assertGreaterEqual(gaps[1], 0.2)                 # doubling while it fails
+        self.assertGreaterEqual(gaps[2], 0.4)
+
 
 if __name__ == "__main__":
     unittest.main()
