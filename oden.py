@@ -154,6 +154,7 @@ DEFAULT_BIND = "0.0.0.0"
 HOSTS_FILE = "hosts.txt"            # next to the main script
 KEY_FILE = "oden.key"               # next to the main script; travels with the project
 KEY_ENV = "ODEN_KEY"                # overrides the key file
+START_METHOD_ENV = "ODEN_START_METHOD"   # a worker's slot processes start so (spawn, forkserver)
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
 MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
@@ -854,8 +855,9 @@ class ProcessSlot(Slot):
 
     # forkserver: children fork from a clean single-threaded server, so they hold
     # no copy of the worker's sockets, locks or other slots' lifelines.
-    context = multiprocessing.get_context(
-        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    # $ODEN_START_METHOD=spawn runs Windows' only way on any machine (the tests use it).
+    context = multiprocessing.get_context(os.environ.get(START_METHOD_ENV) or (
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"))
     CHECK_EVERY = 0.1
     WAKE_EVERY = 1.0                     # also how soon a cancelled batch is noticed
 

@@ -361,3 +361,32 @@ class TailTest(support.OdenTestCase):
         self.assertEqual(sorted(results(project)), [0, 1, 2, 4, 5])
         self.assertTrue(all(len(r) == 1 for r in results(project).values()))
         self.assertEqual(summary_counts(output), (5, 0, 1))
+
+
+class SpawnTest(support.OdenTestCase):
+    """Windows starts processes only by spawn: the workflow, a crash and a time-out with
+    the slots started that way (ODEN_START_METHOD), on any machine."""
+
+    def test_core_workflow_a_crash_and_a_time_out_under_spawn(self):
+        project = self.project(library_code="""
+            import time
+            def make_tasks():
+                return list(range(6))
+            def calc(x):
+                if x == 2:
+                    os._exit(7)
+                if x == 4:
+                    time.sleep(30)
+                return x * 10 if x else os.getppid()     # spawned by the worker, not a forkserver
+        """)
+        project.env["ODEN_START_METHOD"] = "spawn"
+        worker = project.start_worker("--slots", "2")
+        project.write_hosts([worker])
+        completed = project.run("manager", "--task-timeout", "2", "--chunksize", "3", *FAST)
+        self.assertRan(completed, 1)
+        self.assertEqual({i: r[0]["result"] for i, r in results(project).items()},
+                         {0: worker.process.pid, 1: 10, 3: 30, 5: 50})
+        errors = {r["index"]: r["exception"] for r in error_records(project)}
+        self.assertEqual(sorted(errors), [2, 4])
+        self.assertIn("exit code 7", errors[2])
+        self.assertIn("timed out after 2", errors[4])
