@@ -2150,11 +2150,14 @@ def latest_outcomes(records):
     return latest
 
 
-def select_records(folder, name, run=None, on_bad=None):
-    """The records of run `name` in task order (successes and errors): by default the latest
-    outcome of each task (see latest_outcomes); run="all": every record, oldest run first;
-    run=STAMP: the records of that run only."""
-    records = [record for errors in (False, True) for _, record in run_records(folder, name, errors, on_bad)]
+def all_records(folder, name, on_bad=None):
+    """Every record of run `name`, successes and errors, of every run (see run_records)."""
+    return [record for errors in (False, True) for _, record in run_records(folder, name, errors, on_bad)]
+
+
+def choose_records(records, run=None):
+    """`records` in task order: by default the latest outcome of each task (latest_outcomes);
+    run="all": every one, oldest run first; run=STAMP: those of that run only."""
     if run is None:
         records = latest_outcomes(records)
     elif run != "all":
@@ -2170,7 +2173,8 @@ def load_results(name=None, folder=".", errors=False, run=None):
     run, run="20240101-120000" those of one run (the stamp in its file names).  Classes of the
     run's script are found wherever this runs (see load_result_file)."""
     name = name or globals()["name"]
-    records = select_records(folder, name, run, lambda path, why: log.warning("%s", skipped_text(path, why)))
+    records = choose_records(all_records(folder, name, lambda path, why: log.warning("%s", skipped_text(path, why))),
+                             run)
     for record in records:
         if "result" in record:
             yield record["task"], record["result"]
@@ -3340,37 +3344,74 @@ def client_tls(cafile):
 
 
 def fetch_status(host, request_timeout, tls=None):
-    """One host's /status.json, or {"error": reason}."""
+    """One host's /status.json, or {"error": reason} (with "answers" when something else answered)."""
     try:
         with urllib.request.urlopen(host.uri + "/status.json", timeout=request_timeout, context=tls) as response:
             return json.loads(response.read().decode())
     except urllib.error.HTTPError as e:
-        return {"error": "HTTP %d: not an oden worker?" % e.code}
+        return {"error": "not an oden worker (HTTP %d for /status.json)" % e.code, "answers": True}
     except urllib.error.URLError as e:
         return {"error": explain_network_error(e.reason, request_timeout) if isinstance(e.reason, OSError)
                 else str(e.reason)}
-    except (OSError, http.client.HTTPException, ValueError) as e:
+    except ValueError:
+        return {"error": "not an oden worker (its /status.json is not JSON)", "answers": True}
+    except (OSError, http.client.HTTPException) as e:
         return {"error": explain_network_error(e, request_timeout)}
 
 
+def why_unusable(host, key, settings, tls):
+    """Why a worker that answers /status.json would not take this project's work, or None:
+    a signed /hello with our key, checked as the manager checks it (HostRunner.connect)."""
+    client = HostClient(host, Codec(key), settings.timeout, tls, keepalive=False)
+    try:
+        hello = client.call("/hello", {})
+    except HostError as e:
+        reason = str(e)
+        if key is None and "HTTP 401" in reason:
+            return ("it has a key and we have none: put its oden.key next to %s (or set $%s)"
+                    % (os.path.basename(sys.argv[0]) or "oden.py", KEY_ENV))
+        if "without a key" in reason:
+            return "no key there: copy oden.key from this PC next to its oden.py and restart it"
+        if "signature" in reason or "not signed with our key" in reason:
+            return "wrong key: copy oden.key from this PC to it and restart it"
+        if "not an oden message" in reason:
+            return "not an oden worker (its /hello answer is not an oden message)"
+        return reason
+    if hello.get("code") != code_digest():
+        if hello.get("name") != settings.name:
+            return ("another project's job (%s): start this project's worker there, on another --port"
+                    % printable(repr(hello.get("name")))[:80])
+        return "different code (its oden.py or script differs from ours): copy the project again and restart it"
+    return None
+
+
 def run_status(settings):
+    """The `status` command: every host's state, and whether it would take our work and why not."""
     tls = client_tls(settings.cafile)
     hosts = settings.host_list
     if tls:
         for host in hosts:
             host.scheme = "https"
+    key = load_key(settings.key_file)
+
+    def probe(host):
+        state = fetch_status(host, settings.timeout, tls)
+        return state, state.get("error") or why_unusable(host, key, settings, tls)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
-    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "")]
-    for host, state in zip(hosts, states):
+        probes = list(pool.map(probe, hosts))
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task", "usable")]
+    for host, (state, problem) in zip(hosts, probes):
+        usable = "no: " + problem if problem else "yes"
         if "error" in state:
-            rows.append((host.label, "no", "", "", "", "", "", state["error"]))
-        else:
-            load = state.get("load")
-            rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
-                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-", ""))
+            rows.append((host.label, "yes" if state.get("answers") else "no", "", "", "", "", "", "", usable))
+            continue
+        load, ages = state.get("load"), state.get("running_task_ages") or []
+        rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
+                     str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-",
+                     format_duration(max(ages)) if ages else "-", usable))
     print(format_table(rows))
-    return 0 if all("error" not in s for s in states) else 1
+    return 0 if not any(problem for _, problem in probes) else 1
 
 
 def format_table(rows):
@@ -3379,41 +3420,64 @@ def format_table(rows):
 
 
 def run_results(settings):
+    """The `results` command: list, count or export the outcomes of run `name` (by default the
+    latest of each task; --all every one, --run STAMP one run's), in task order."""
     name, folder = settings.name, settings.folder
-    bad = []
-    on_bad = lambda path, why: bad.append((path, why))
-    done = list(run_records(folder, name, on_bad=on_bad))
-    errors = list(run_records(folder, name, errors=True, on_bad=on_bad))
-    for path, why in bad:
-        print("skipped unreadable %s: %s" % (path, why), file=sys.stderr)
-    if not done and not errors:
-        print("no result files of run %r in %s: check --name and --folder"
-              % (name, os.path.abspath(folder)), file=sys.stderr)
+    run = "all" if settings.all else settings.run
+    everything = all_records(folder, name, lambda path, why: print(skipped_text(path, why), file=sys.stderr))
+    records = choose_records(everything, run)
+    standing = {id(record) for record in latest_outcomes(everything)}
+    if not records:
+        print("no result files of run %r%s in %s: check --name and --folder%s"
+              % (name, " with stamp %s" % run if run not in (None, "all") else "", os.path.abspath(folder),
+                 "; its runs: " + ", ".join(run_stamps(everything)) if everything else ""), file=sys.stderr)
+    with contextlib.suppress(AttributeError, ValueError):        # text of any script, whatever the locale
+        sys.stdout.reconfigure(encoding="utf-8" if settings.format else None, errors="backslashreplace")
     if settings.summary:
-        print(results_summary(name, done, errors))
+        print(results_summary(name, records, everything, standing, run))
         return 0
-    if not (settings.errors or settings.summary):
-        errors = []
-    records = sorted([r for _, r in done] + [r for _, r in errors], key=lambda r: r["index"])
+    if not settings.errors:
+        records = [record for record in records if "result" in record]
     if settings.format == "json":
-        json.dump([plain_record(r) for r in records], sys.stdout, indent=1, default=repr)
+        json.dump([plain_record(r, id(r) not in standing) for r in records], sys.stdout, indent=1,
+                  default=repr, ensure_ascii=False)
         print()
     elif settings.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["index", "status", "task", "result", "host", "seconds"])
+        columns = ["index", "status", "task", "result", "exception", "host", "seconds", "run", "superseded"]
+        writer.writerow(columns)
         for r in records:
-            writer.writerow([r["index"], "done" if "result" in r else "error", repr(r["task"]),
-                             repr(r["result"]) if "result" in r else r.get("exception"), r["host"], task_seconds(r)])
+            plain = plain_record(r, id(r) not in standing)
+            writer.writerow([text_cell(plain[column]) for column in columns])
     else:
         for r in records:
-            print("%r -> %s" % (r["task"], repr(r["result"]) if "result" in r else "ERROR " + r.get("exception", "")))
+            outcome = cut(repr(r["result"]), settings.full) if "result" in r else "ERROR " + r.get("exception", "")
+            print("%s%s -> %s%s" % (r["run"] + "  " if run == "all" else "", cut(repr(r["task"]), settings.full),
+                                    outcome, "  (superseded by a later run)" if id(r) not in standing else ""))
     return 0
 
 
-def plain_record(record):
+def cut(text, full=False):
+    """`text`, or its first RESULT_CUT characters and how many more there are."""
+    if full or len(text) <= RESULT_CUT:
+        return text
+    return "%s... (%d more characters; --full shows all)" % (text[:RESULT_CUT], len(text) - RESULT_CUT)
+
+
+def plain_record(record, superseded=False):
+    """A record as `results --json` and `--csv` show it: no traceback, no output."""
     return {"index": record["index"], "status": "done" if "result" in record else "error", "task": record["task"],
             "result": record.get("result"), "exception": record.get("exception"), "host": record["host"],
-            "seconds": task_seconds(record)}
+            "seconds": task_seconds(record), "run": record["run"], "superseded": superseded}
+
+
+def text_cell(value):
+    """A CSV cell: text as it is, numbers in digits, nothing for None, anything else as its repr."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return repr(value)
 
 
 def task_seconds(record):
@@ -3422,14 +3486,35 @@ def task_seconds(record):
     return None
 
 
-def results_summary(name, done, errors):
+def run_stamps(records):
+    """The stamps of the runs `records` come from, oldest first."""
+    return sorted({record["run"] for record in records}, key=stamp_order)
+
+
+def results_summary(name, records, everything, standing, run):
+    """The counts of `records`, failures grouped by exception with one traceback and their tasks
+    each, and every run of `name` with its counts (of `everything`; `standing`: ids of the
+    records that are their task's latest outcome)."""
+    errors = [record for record in records if "result" not in record]
+    what = {None: "the latest outcome of each task", "all": "every outcome of every run"}.get(run, "run " + str(run))
+    lines = ["run %r: %d done, %d errors (%s)" % (name, len(records) - len(errors), len(errors), what)]
+    for stamp in run_stamps(everything):
+        mine = [record for record in everything if record["run"] == stamp]
+        failed = sum(1 for record in mine if "result" not in record)
+        superseded = sum(1 for record in mine if id(record) not in standing)
+        lines.append("  run %s: %d done, %d errors%s" % (stamp, len(mine) - failed, failed,
+                                                        ", %d superseded by later runs" % superseded
+                                                        if superseded else ""))
     groups = collections.OrderedDict()
-    for _, record in errors:
+    for record in errors:
         groups.setdefault(record.get("exception", "?"), []).append(record)
-    lines = ["run %r: %d done, %d errors" % (name, len(done), len(errors))]
-    for exception, records in sorted(groups.items(), key=lambda item: -len(item[1])):
-        lines.append("\n%d x %s\n  e.g. task %r:\n%s" % (len(records), exception, records[0]["task"],
-                                                           "    " + records[0]["error"].rstrip().replace("\n", "\n    ")))
+    for exception, group in sorted(groups.items(), key=lambda item: -len(item[1])):
+        indices = [record["index"] for record in group]
+        lines.append("\n%d x %s\n  e.g. task %s:\n%s\n  tasks %s%s"
+                     % (len(group), exception, cut(repr(group[0]["task"])),
+                        "    " + group[0]["error"].rstrip().replace("\n", "\n    "),
+                        ", ".join(str(i) for i in indices[:PAGE_ROWS]),
+                        " and %d more" % (len(indices) - PAGE_ROWS) if len(indices) > PAGE_ROWS else ""))
     return "\n".join(lines)
 
 
@@ -3551,13 +3636,19 @@ def build_parser(job):
     manager_options(p)
     common(p)
     command("test", "run calc on every task here, in this process, and print each outcome")
-    p = command("status", "show the state of every host")
+    p = command("status", "show the state of every host, and why one would not take this project's work")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
+    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
     p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
-    p = command("results", "print the saved results of a run")
+    p = command("results", "print the saved results of a run: the latest outcome of each task, in task order")
     p.add_argument("--errors", action="store_true", help="include errors")
-    p.add_argument("--summary", action="store_true", help="counts, and failures grouped by exception")
+    p.add_argument("--summary", action="store_true", help="counts, failures grouped by exception, and the runs")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every outcome of every run, not only the latest")
+    which.add_argument("--run", type=run_stamp, metavar="STAMP", help="the outcomes of one run (the stamp in its "
+                       "file names, e.g. 20240101-120000)")
+    p.add_argument("--full", action="store_true", help="show long tasks and results in full")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
     group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV table")
@@ -3591,6 +3682,8 @@ def dashboard_address(text):
     return match.group("v6") or match.group("name"), port
 
 
+run_stamp = argument_type(str, lambda v: re.match(STAMP + "$", v), "a stamp", "must be a run's stamp such as "
+                          "20240101-120000 (in its file names)")
 positive_int = argument_type(int, lambda v: v >= 1, "a whole number", "must be 1 or more")
 positive_float = argument_type(float, lambda v: v > 0, "a number", "must be more than 0")
 port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "port must be 0-65535")
