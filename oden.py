@@ -2761,6 +2761,7 @@ class Timeline:
     samples (seconds since the start, done, failed) spanning the whole run; when full, every
     other one goes and samples come half as often.  `first` is (seconds, finished) when the
     first outcomes were counted: the rate is measured from there, not from the start."""
+    SETTLE = 0.25                        # seconds after the first result before a rate is told
 
     def __init__(self, started):
         self.lock = threading.Lock()
@@ -2792,7 +2793,7 @@ class Timeline:
 
     def rate(self, finished):
         """Tasks per second over the last RATE_WINDOW s, from the first result on; None until
-        a second has passed since the first result."""
+        SETTLE s have passed since the first result."""
         at = time.monotonic() - self.started
         with self.lock:
             if self.first is None:
@@ -2803,7 +2804,7 @@ class Timeline:
                     if sampled > since:
                         since, count = sampled, done + failed
                     break
-        return (finished - count) / (at - since) if at - since >= 1 else None
+        return (finished - count) / (at - since) if at - since >= self.SETTLE else None
 
 
 class TaskTimes:
@@ -2955,8 +2956,9 @@ def render_page(state, live):
                 + "<script>%s</script>" % (PAGE_SCRIPT % (DASHBOARD_REFRESH * 1000)))
         when = "<span id=\"live\">live: updated every %d s</span>" % DASHBOARD_REFRESH
     else:
+        offline = dict(state, hosts=[{k: v for k, v in h.items() if k != "url"} for h in state["hosts"]])
         head = "<script type=\"application/json\" id=\"oden-status\">%s</script>" % json.dumps(
-            state, default=str).replace("<", "\\u003c")
+            offline, default=str).replace("<", "\\u003c")     # for scripts; names no other host
         when = "report written <span class=\"nowrap\">%s</span>" % esc(time.strftime("%Y-%m-%d %H:%M:%S"))
     beside = (html_slowest(state["slowest"], state["in_flight"]) if live else
               card("How long tasks took", svg_histogram(state["task_seconds"])))
