@@ -167,12 +167,12 @@ OUTPUT_TAIL = 4000                  # characters of what calc printed kept per t
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
 PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
 RATE_WINDOW = 30                    # seconds of the recent past the rate (and ETA) is measured over
-TIMELINE_POINTS = 600               # samples of finished-over-time kept: the whole run, thinned when full
-DASHBOARD_BIND = "127.0.0.1"        # the manager's live page: loopback only unless --dashboard says where
+TIMELINE_POINTS = 600               # samples of finished-over-time kept: the whole run, thinned
+DASHBOARD_BIND = "127.0.0.1"        # the manager's live page: loopback unless --dashboard says
 DASHBOARD_REFRESH = 2               # seconds between updates of the live page in a browser
-PAGE_ROWS = 20                      # rows of a list on the live page and the report (hosts excepted)
-FAILURE_GROUPS = 200                # exception lines told apart; beyond, new ones are grouped by type
-RESULT_CUT = 200                    # characters of a task or a result the `results` listing shows (--full: all)
+PAGE_ROWS = 20                      # rows of a list on the live page and the report (not hosts)
+FAILURE_GROUPS = 200                # exception lines told apart; beyond, new ones group by type
+RESULT_CUT = 200                    # characters of a task or result `results` lists (--full: all)
 
 log = logging.getLogger("oden")
 
@@ -801,9 +801,9 @@ class WorkerState:
 def status_text(state):
     """GET /status: one line for curl, with units."""
     ages = state["running_task_ages"]
-    return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, %sup %s\n"
-            % (state["version"], state["name"], state["state"], state["slots_busy"], state["slots"],
-               state["queued_batches"], state["done"], state["failed"],
+    return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, "
+            "%sup %s\n" % (state["version"], state["name"], state["state"], state["slots_busy"],
+                           state["slots"], state["queued_batches"], state["done"], state["failed"],
                "oldest task running %s, " % format_duration(max(ages)) if ages else "",
                format_duration(state["uptime"])))
 
@@ -839,8 +839,9 @@ def status_html(state, user_text, address=None):
             continue
         label, show = STATUS_LABELS.get(key, (key, str))
         value = state[key]
+        shown = "-" if value is None else show(value)
         rows.append("<tr><th>%s</th><td>%s</td><td class=\"key\">%s</td></tr>"
-                    % (html.escape(label), html.escape("-" if value is None else show(value)), html.escape(key)))
+                    % (html.escape(label), html.escape(shown), html.escape(key)))
     ages = "".join("<li>running for %.1f s (%s)</li>" % (age, format_duration(age))
                    for age in sorted(state["running_task_ages"], reverse=True)) or "<li>none</li>"
     where = html.escape(address or state.get("host", ""))
@@ -848,13 +849,15 @@ def status_html(state, user_text, address=None):
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<meta http-equiv=\"refresh\" content=\"5\"><title>oden worker %s: %s</title>"
             "<style>body{font-family:system-ui,sans-serif;margin:1em;max-width:48em}"
-            "th{text-align:left;padding-right:1em;font-weight:normal}td{font-weight:bold;padding-right:1em}"
+            "th{text-align:left;padding-right:1em;font-weight:normal}"
+            "td{font-weight:bold;padding-right:1em}"
             "td.key{font:12px monospace;color:#666}pre{white-space:pre-wrap}</style>"
             "</head><body><h1>oden worker %s: %s</h1><pre>%s</pre><table>%s</table>"
             "<h2>Tasks running</h2><ul>%s</ul>"
-            "<p>The same as JSON: /status.json; one line: /status (updated every 5 s)</p></body></html>\n"
-            % (where, html.escape(state["state"]), where, html.escape(state["state"]), html.escape(user_text),
-               "".join(rows), ages))
+            "<p>The same as JSON: /status.json; one line: /status (updated every 5 s)</p>"
+            "</body></html>\n" % (where, html.escape(state["state"]), where,
+                                   html.escape(state["state"]), html.escape(user_text),
+                                   "".join(rows), ages))
 
 
 class WorkerHandler(http.server.BaseHTTPRequestHandler):
@@ -1379,7 +1382,8 @@ class TaskBoard:
         unfinished (the dashboard's oldest and slowest tasks; O(len(indices)))."""
         with self.changed:
             now = time.monotonic()
-            return {i: now - self.sent_at[i] for i in indices if i in self.unfinished and i in self.sent_at}
+            return {i: now - self.sent_at[i] for i in indices
+                    if i in self.unfinished and i in self.sent_at}
 
 
 class Fleet:
@@ -1460,8 +1464,8 @@ class HostRunner:
         writes these fields, each read is of one object, and dict.copy() of in_flight is one
         atomic step (under the GIL, or the dict's own lock in a free-threaded Python)."""
         in_flight = self.in_flight.copy()
-        return {"slots": self.slots, "tasks": [i for indices in in_flight.values() for i in indices],
-                "down_reason": self.down_reason}
+        return {"slots": self.slots, "down_reason": self.down_reason,
+                "tasks": [i for indices in in_flight.values() for i in indices]}
 
     # -- the loop --------------------------------------------------------
     def __call__(self):
@@ -1868,7 +1872,7 @@ def skipped_text(path, why):
 # folder, once per process, and looks the class up there.
 
 MAIN_MODULES = ("__main__", "__mp_main__")
-script_modules = {}                      # absolute path of a run's script -> its module, imported once
+script_modules = {}                      # real path of a run's script -> its module, imported once
 
 
 class ClassNotFound(Exception):
@@ -1938,15 +1942,16 @@ def load_result_file(path):
         try:
             return ResultUnpickler(f, [module] if module else []).load()
         except MissingMainClass:
-            raise ClassNotFound("it holds an instance of class %s from the run's script %s, which %s: run this "
-                                "in the project's folder, or import that class before loading"
-                                % (missing, script or "(not recorded)",
-                                   "does not define it" if module else "is not in %s" % ", ".join(
-                                       script_folders(os.path.dirname(os.path.abspath(path))))))
+            where = script_folders(os.path.dirname(os.path.abspath(path)))
+            raise ClassNotFound(
+                "it holds an instance of class %s from the run's script %s, which %s: run this in "
+                "the project's folder, or import that class before loading" % (
+                    missing, script or "(not recorded)",
+                    "does not define it" if module else "is not in %s" % ", ".join(where)))
 
 
 def script_folders(results_folder):
-    """Where a run's script may be: beside its result files, beside oden.py, beside the main script."""
+    """Where a run's script may be: beside its results, beside oden.py, beside the main script."""
     folders = [results_folder, os.path.dirname(os.path.abspath(__file__)), script_folder()]
     return [folder for position, folder in enumerate(folders) if folder not in folders[:position]]
 
@@ -2152,7 +2157,8 @@ def latest_outcomes(records):
 
 def all_records(folder, name, on_bad=None):
     """Every record of run `name`, successes and errors, of every run (see run_records)."""
-    return [record for errors in (False, True) for _, record in run_records(folder, name, errors, on_bad)]
+    return [record for errors in (False, True)
+            for _, record in run_records(folder, name, errors, on_bad)]
 
 
 def choose_records(records, run=None):
@@ -2173,8 +2179,8 @@ def load_results(name=None, folder=".", errors=False, run=None):
     run, run="20240101-120000" those of one run (the stamp in its file names).  Classes of the
     run's script are found wherever this runs (see load_result_file)."""
     name = name or globals()["name"]
-    records = choose_records(all_records(folder, name, lambda path, why: log.warning("%s", skipped_text(path, why))),
-                             run)
+    warn = lambda path, why: log.warning("%s", skipped_text(path, why))
+    records = choose_records(all_records(folder, name, warn), run)
     for record in records:
         if "result" in record:
             yield record["task"], record["result"]
@@ -2205,13 +2211,13 @@ class Run:
         self.batch_counter = 0
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
         self.done = self.failed = self.duplicates = 0
-        self.failures = collections.OrderedDict()    # exception line -> [count, first traceback, task indices]
-        self.task_times = TaskTimes()    # how long calc took, as a histogram (guarded by self.lock too)
+        self.failures = collections.OrderedDict()    # exception -> [count, a traceback, indices]
+        self.task_times = TaskTimes()    # how long calc took: a histogram (under self.lock too)
         self.cannot_save = None          # why a result file could not be written: the run stops
         self.writer = ResultWriter(self)
         self.started = time.monotonic()
         self.timeline = Timeline(self.started)
-        self.runners = []                # the HostRunner of each host, set by drive() (for the dashboard)
+        self.runners = []                # each host's HostRunner, set by drive() (for the page)
         self.script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
 
     def new_batch_id(self):
@@ -2296,8 +2302,8 @@ class Run:
         """The dict a result file holds (see README.md "Result files")."""
         index = record["index"]
         contents = {"name": self.settings.name, "index": index, "task": self.tasks[index], "host": host.label,
-                    "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", ""),
-                    "run": self.stamp, "script": self.script}
+                    "started": record.get("started"), "ended": record.get("ended"),
+                    "output": record.get("output", ""), "run": self.stamp, "script": self.script}
         if not record["ok"]:
             contents.update(error=record["error"], exception=record["exception"])
             return contents
@@ -2342,9 +2348,10 @@ class Run:
             return {label: tuple(counts) for label, counts in self.per_host.items()}
 
     def failure_groups(self, shown=PAGE_ROWS):
-        """[(exception line, count, its first traceback, the first `shown` task indices)], most first."""
+        """[(exception line, count, its first traceback, its first `shown` tasks)], most first."""
         with self.lock:
-            groups = [(line, count, error, indices[:shown]) for line, (count, error, indices) in self.failures.items()]
+            groups = [(line, count, error, indices[:shown])
+                      for line, (count, error, indices) in self.failures.items()]
         return sorted(groups, key=lambda group: -group[1])
 
     def task_time_bins(self):
@@ -2464,15 +2471,17 @@ class Progress:
         eta = format_seconds((total - finished) / rate) if rate else "?"
         shown_rate = format_rate(rate)
         up = len(run.fleet.snapshot()[0])
+        elapsed = format_seconds(time.monotonic() - run.started)
         variants = (
-            "%d/%d finished (%d done, %d failed), %d in flight | %s tasks/s | %s elapsed | ETA %s | hosts %d up %d down"
-            % (finished, total, done, failed, in_flight, shown_rate, format_seconds(time.monotonic() - run.started),
-               eta, up, len(run.hosts) - up),
+            "%d/%d finished (%d done, %d failed), %d in flight | %s tasks/s | %s elapsed | "
+            "ETA %s | hosts %d up %d down" % (finished, total, done, failed, in_flight, shown_rate,
+                                              elapsed, eta, up, len(run.hosts) - up),
             "%d/%d (%d failed), %d running | %s/s | ETA %s | %d/%d hosts up"
             % (finished, total, failed, in_flight, shown_rate, eta, up, len(run.hosts)),
             "%d/%d, %d failed | %s/s | ETA %s" % (finished, total, failed, shown_rate, eta),
             "%d/%d ETA %s" % (finished, total, eta))
-        return next((text for text in variants if width is None or len(text) <= width), variants[-1][:width])
+        fitting = (text for text in variants if width is None or len(text) <= width)
+        return next(fitting, variants[-1][:width])
 
     def columns(self):
         """The terminal's width; when it does not say: $COLUMNS, else 80 (as shutil tells)."""
@@ -2486,7 +2495,7 @@ class Progress:
         if self.quiet:
             return
         if self.tty:
-            width = max(1, self.columns() - 1)         # the last column would wrap on some terminals
+            width = max(1, self.columns() - 1)         # the last column wraps on some terminals
             text = self.line(width)
             with self.lock:
                 self.stream.write("\r" + text + " " * max(0, min(self.width, width) - len(text)))
@@ -2517,11 +2526,13 @@ def format_seconds(seconds):
 
 
 def format_duration(seconds):
-    """A span of time for people, two units at most: '420 ms', '12 s', '3 min 05 s', '2 h 07 min', '3 d 04 h'."""
+    """A span of time for people, in two units at most: '420 ms', '12 s', '3 min 05 s',
+    '2 h 07 min', '3 d 04 h'."""
     if seconds < 10:
         return "%.3g ms" % (seconds * 1000) if seconds < 1 else "%.1f s" % seconds
     whole = int(seconds)
-    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+    units = (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1))
+    for unit, size, small, small_size in units:
         if whole >= size:
             return "%d %s %02d %s" % (whole // size, unit, whole % size // small_size, small)
     return "%d s" % whole
@@ -2814,7 +2825,7 @@ class TaskTimes:
     PER_DECADE = 10
 
     def __init__(self):
-        self.counts = collections.Counter()      # bin -> tasks; bin b holds [10**(b/10), 10**((b+1)/10)) s
+        self.counts = collections.Counter()      # bin b -> tasks of [10**(b/10), 10**((b+1)/10)) s
         self.count, self.total, self.longest = 0, 0.0, 0.0
 
     def add(self, seconds):
@@ -2832,7 +2843,8 @@ class TaskTimes:
         low, high = min(self.counts), max(self.counts)
         edge = lambda b: 10 ** (b / self.PER_DECADE)
         return {"count": self.count, "mean": self.total / self.count, "max": self.longest,
-                "bins": [[edge(b), edge(b + 1), self.counts.get(b, 0)] for b in range(low, high + 1)]}
+                "bins": [[edge(b), edge(b + 1), self.counts.get(b, 0)]
+                         for b in range(low, high + 1)]}
 
 
 def run_state(run):
@@ -2852,11 +2864,17 @@ def run_state(run):
         host_done, host_failed, seconds = per_host.get(host.label, (0, 0, 0.0))
         mine = [(ages[index], index, host.label) for index in view["tasks"] if index in ages]
         running += mine
-        state, why = (("up", None) if host.number in up else ("refusing", refused[host.number])
-                      if host.number in refused else ("down", view["down_reason"] or "not connected yet"))
+        if host.number in up:
+            state, why = "up", None
+        elif host.number in refused:
+            state, why = "refusing", refused[host.number]
+        else:
+            state, why = "down", view["down_reason"] or "not connected yet"
+        outcomes = host_done + host_failed
         hosts.append({"host": host.label, "url": host.uri + "/", "state": state, "why": why,
-                      "slots": view["slots"], "in_flight": len(mine), "done": host_done, "failed": host_failed,
-                      "mean_task_seconds": seconds / (host_done + host_failed) if host_done + host_failed else None,
+                      "slots": view["slots"], "in_flight": len(mine), "done": host_done,
+                      "failed": host_failed,
+                      "mean_task_seconds": seconds / outcomes if outcomes else None,
                       "oldest_running_seconds": max(mine)[0] if mine else None})
     times = run.task_time_bins()
     state = "finished" if run.board.finished else "stopped" if run.board.stopping else "running"
@@ -2889,8 +2907,10 @@ font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-se
 main{max-width:1120px;margin:0 auto;padding:16px}
 h1{font-size:1.35rem;margin:0}h2{font-size:1.05rem;margin:0 0 8px}
 .muted,small{color:var(--muted)}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:12px 0}
-.bar{display:flex;height:20px;border-radius:4px;overflow:hidden;background:var(--left);margin:10px 0}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:14px 16px;margin:12px 0}
+.bar{display:flex;height:20px;border-radius:4px;overflow:hidden;background:var(--left);
+margin:10px 0}
 .bar span{height:100%}
 .stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(96px,1fr));gap:8px}
 .stats div{border-left:4px solid var(--line);padding-left:8px}
@@ -2917,7 +2937,8 @@ main{padding:8px}.card{padding:10px 12px}svg text{font-size:19px}
 table.rows thead{display:none}
 table.rows tr{display:grid;grid-template-columns:1fr 1fr;column-gap:20px;
 border-bottom:1px solid var(--line);padding:6px 0}
-table.rows td{display:flex;justify-content:space-between;gap:8px;border:0;padding:1px 0;text-align:right}
+table.rows td{display:flex;justify-content:space-between;gap:8px;border:0;padding:1px 0;
+text-align:right}
 table.rows td::before{content:attr(data-label);color:var(--muted);text-align:left}
 table.rows td:first-child,table.rows td.why{grid-column:1/-1}
 table.rows td.why{max-width:none}table.rows td.why:empty{display:none}
@@ -2935,7 +2956,8 @@ var page=new DOMParser().parseFromString(t,"text/html");
 document.querySelector("main").replaceWith(page.querySelector("main"));document.title=page.title;
 document.querySelectorAll("details").forEach(function(d){if(open[d.id])d.open=true});
 shown=document.getElementById("live")}).catch(function(){
-if(shown)shown.textContent="not updated since "+new Date().toLocaleTimeString()+": the run has ended"})
+if(shown)shown.textContent="not updated since "+new Date().toLocaleTimeString()+
+": the run has ended"})
 .then(function(){busy=false})},%d)})();
 """
 
@@ -2952,25 +2974,30 @@ def render_page(state, live):
     percent = 100.0 * finished / state["total"] if state["total"] else 100.0
     title = "%s %.0f%% - oden %s" % (state["state"], percent, state["name"])
     if live:
-        head = ("<noscript><meta http-equiv=\"refresh\" content=\"%d\"></noscript>" % max(5, DASHBOARD_REFRESH)
-                + "<script>%s</script>" % (PAGE_SCRIPT % (DASHBOARD_REFRESH * 1000)))
+        head = ("<noscript><meta http-equiv=\"refresh\" content=\"%d\"></noscript>"
+                "<script>%s</script>" % (max(5, DASHBOARD_REFRESH),
+                                         PAGE_SCRIPT % (DASHBOARD_REFRESH * 1000)))
         when = "<span id=\"live\">live: updated every %d s</span>" % DASHBOARD_REFRESH
     else:
-        offline = dict(state, hosts=[{k: v for k, v in h.items() if k != "url"} for h in state["hosts"]])
+        offline = dict(state, hosts=[{k: v for k, v in h.items() if k != "url"}
+                                     for h in state["hosts"]])
         head = "<script type=\"application/json\" id=\"oden-status\">%s</script>" % json.dumps(
             offline, default=str).replace("<", "\\u003c")     # for scripts; names no other host
-        when = "report written <span class=\"nowrap\">%s</span>" % esc(time.strftime("%Y-%m-%d %H:%M:%S"))
+        when = ("report written <span class=\"nowrap\">%s</span>"
+                % esc(time.strftime("%Y-%m-%d %H:%M:%S")))
     beside = (html_slowest(state["slowest"], state["in_flight"]) if live else
               card("How long tasks took", svg_histogram(state["task_seconds"])))
     return "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
         "<title>%s</title><style>%s</style>%s</head><body><main>" % (esc(title), PAGE_STYLE, head),
-        "<header><h1>oden: %s <small>run %s</small></h1><div class=\"muted\">%s, %s elapsed; %s</div></header>"
+        "<header><h1>oden: %s <small>run %s</small></h1>"
+        "<div class=\"muted\">%s, %s elapsed; %s</div></header>"
         % (esc(state["name"]), esc(state["run"]), esc(state["state"]),
            format_duration(state["elapsed_seconds"]), when),
         html_progress(state, percent),
-        "<div class=\"grid\">%s%s</div>" % (card("Tasks finished over time", svg_timeline(state)), beside),
+        "<div class=\"grid\">%s%s</div>"
+        % (card("Tasks finished over time", svg_timeline(state)), beside),
         html_hosts(state["hosts"], live), html_failures(state["failures"], state["failed"]),
         "<footer>oden %s. %sCounts, ages and tracebacks only: never a task or a result.</footer>"
         % (VERSION, "Read-only; the same for scripts: /status.json. " if live else ""),
@@ -2984,8 +3011,8 @@ def card(heading, body):
 def html_progress(state, percent):
     """The bar (done, failed, in flight, left) and the figures under it."""
     total = max(1, state["total"])
-    parts = [("done", state["done"]), ("failed", state["failed"]), ("in flight", state["in_flight"]),
-             ("left", state["left"])]
+    parts = [("done", state["done"]), ("failed", state["failed"]),
+             ("in flight", state["in_flight"]), ("left", state["left"])]
     bar = "".join("<span style=\"width:%.3f%%;background:var(--%s)\" title=\"%s: %d\"></span>"
                   % (100.0 * count / total, css.split()[-1], css, count)
                   for css, count in parts[:3] if count)
@@ -2996,8 +3023,9 @@ def html_progress(state, percent):
     else:
         tiles += [("", "mean tasks/s", format_rate(state["rate_per_second"])),
                   ("", "elapsed", format_duration(state["elapsed_seconds"]))]
-    return card("%s of %s tasks finished (%.1f%%)" % ("{:,}".format(state["done"] + state["failed"]),
-                                                      "{:,}".format(state["total"]), percent),
+    finished = "{:,}".format(state["done"] + state["failed"])
+    return card("%s of %s tasks finished (%.1f%%)"
+                % (finished, "{:,}".format(state["total"]), percent),
                 "<div class=\"bar\">%s</div><div class=\"stats\">%s</div>"
                 % (bar, "".join("<div class=\"%s\"><b>%s</b>%s</div>" % (css, value, label)
                                 for css, label, value in tiles)))
@@ -3011,13 +3039,16 @@ def html_hosts(hosts, live):
     """The table of hosts, with a total row; live, each host links to its worker's own page."""
     rows = []
     for h in hosts:
-        label = ("<a href=\"%s\">%s</a>" % (esc(h["url"]), esc(h["host"])) if live else esc(h["host"]))
-        rows.append([label, "<span class=\"%s\">%s</span>" % (h["state"], h["state"]), str(h["slots"]),
-                     str(h["in_flight"]), "{:,}".format(h["done"]), "{:,}".format(h["failed"]),
-                     optional_duration(h["mean_task_seconds"]), optional_duration(h["oldest_running_seconds"]),
-                     esc(h["why"] or "")])
+        label = esc(h["host"])
+        if live:
+            label = "<a href=\"%s\">%s</a>" % (esc(h["url"]), label)
+        rows.append([label, "<span class=\"%s\">%s</span>" % (h["state"], h["state"]),
+                     str(h["slots"]), str(h["in_flight"]), "{:,}".format(h["done"]),
+                     "{:,}".format(h["failed"]), optional_duration(h["mean_task_seconds"]),
+                     optional_duration(h["oldest_running_seconds"]), esc(h["why"] or "")])
     done, failed = sum(h["done"] for h in hosts), sum(h["failed"] for h in hosts)
-    means = [(h["mean_task_seconds"], h["done"] + h["failed"]) for h in hosts if h["mean_task_seconds"] is not None]
+    means = [(h["mean_task_seconds"], h["done"] + h["failed"])
+             for h in hosts if h["mean_task_seconds"] is not None]
     mean = sum(m * n for m, n in means) / sum(n for _, n in means) if means else None
     oldest = [h["oldest_running_seconds"] for h in hosts if h["oldest_running_seconds"] is not None]
     up = sum(1 for h in hosts if h["state"] == "up")
@@ -3032,11 +3063,14 @@ def html_table(columns, rows, total=None):
     `columns`: (label, kind): "text" left-aligned, "" a number, "why" a note without a heading;
     `rows`: lists of cells as HTML; `total`: a last row in bold."""
     def row(cells, css):
-        return "<tr%s>%s</tr>" % (css, "".join("<td data-label=\"%s\" class=\"%s\">%s</td>"
-                                               % (label, kind, cell) for cell, (label, kind) in zip(cells, columns)))
-    head = "".join("<th class=\"%s\">%s</th>" % (kind, "" if kind == "why" else label) for label, kind in columns)
+        return "<tr%s>%s</tr>" % (css, "".join(
+            "<td data-label=\"%s\" class=\"%s\">%s</td>" % (label, kind, cell)
+            for cell, (label, kind) in zip(cells, columns)))
+    head = "".join("<th class=\"%s\">%s</th>" % (kind, "" if kind == "why" else label)
+                   for label, kind in columns)
+    last = row(total, " class=\"total\"") if total else ""
     return ("<table class=\"rows\"><thead><tr>%s</tr></thead><tbody>%s%s</tbody></table>"
-            % (head, "".join(row(cells, "") for cells in rows), row(total, " class=\"total\"") if total else ""))
+            % (head, "".join(row(cells, "") for cells in rows), last))
 
 
 def optional_duration(seconds):
@@ -3051,11 +3085,13 @@ def html_failures(failures, failed):
     for group in failures:
         shown = ", ".join(str(index) for index in group["tasks"])
         more = group["count"] - len(group["tasks"])
-        groups.append("<details id=\"f%s\"><summary><b>%d &times;</b> %s<br><small>task%s %s%s</small></summary>"
-                      "<pre>%s</pre></details>"
-                      % (hashlib.sha256(group["exception"].encode("utf-8", "replace")).hexdigest()[:10],
-                         group["count"], esc(group["exception"]), "s" if group["count"] > 1 else "", shown,
-                         " and %d more" % more if more > 0 else "", esc(group["traceback"].rstrip())))
+        anchor = hashlib.sha256(group["exception"].encode("utf-8", "replace")).hexdigest()[:10]
+        groups.append("<details id=\"f%s\"><summary><b>%d &times;</b> %s<br><small>task%s %s%s"
+                      "</small></summary><pre>%s</pre></details>"
+                      % (anchor, group["count"], esc(group["exception"]),
+                         "s" if group["count"] > 1 else "", shown,
+                         " and %d more" % more if more > 0 else "",
+                         esc(group["traceback"].rstrip())))
     return card("Failures: %s <small>grouped by exception; open one for its traceback</small>"
                 % "{:,}".format(failed), "".join(groups))
 
@@ -3065,7 +3101,8 @@ def html_slowest(slowest, in_flight):
     if not slowest:
         return card("Running longest", "<p class=\"muted\">Nothing in flight.</p>")
     rows = [[str(s["task"]), esc(s["host"]), format_duration(s["seconds"])] for s in slowest]
-    return card("Running longest <small>%d of %s tasks in flight</small>" % (len(slowest), "{:,}".format(in_flight)),
+    return card("Running longest <small>%d of %s tasks in flight</small>"
+                % (len(slowest), "{:,}".format(in_flight)),
                 html_table((("task", "text"), ("host", "text"), ("in flight for", "")), rows))
 
 
@@ -3116,11 +3153,12 @@ def svg_timeline(state):
                        [(0, "0"), (0.5, format_count(most / 2)), (1, format_count(most))],
                        "tasks finished over time: %d of %d after %s"
                        % (points[-1][1] + points[-1][2], state["total"], format_duration(span)))
-    parts.append("<polygon points=\"%.1f,%.1f %s %.1f,%.1f\" fill=\"#2e7d32\" fill-opacity=\".15\"/>"
-                 % (x(0), y(0), finished, x(points[-1][0]), y(0)))
-    parts.append("<polyline points=\"%s\" fill=\"none\" stroke=\"#2e7d32\" stroke-width=\"2\"/>" % finished)
+    parts.append("<polygon points=\"%.1f,%.1f %s %.1f,%.1f\" fill=\"#2e7d32\" "
+                 "fill-opacity=\".15\"/>" % (x(0), y(0), finished, x(points[-1][0]), y(0)))
+    line = "<polyline points=\"%s\" fill=\"none\" stroke=\"%s\" stroke-width=\"%s\"/>"
+    parts.append(line % (finished, "#2e7d32", 2))
     if state["failed"]:
-        parts.append("<polyline points=\"%s\" fill=\"none\" stroke=\"#c62828\" stroke-width=\"1.5\"/>" % failed)
+        parts.append(line % (failed, "#c62828", 1.5))
     parts.append("</svg><small>green: finished (done and failed)%s</small>"
                  % ("; red: failed" if state["failed"] else ""))
     return "".join(parts)
@@ -3138,24 +3176,33 @@ def svg_histogram(times):
     right, top, bottom = PLOT_WIDTH - 10, 10, PLOT_HEIGHT - PLOT_BOTTOM
     width = (right - PLOT_LEFT) / len(bins)
     low, high = math.log10(bins[0][0]), math.log10(bins[-1][1])
-    decades = [(position - low) / (high - low) for position in range(math.ceil(low), math.floor(high) + 1)]
-    x_labels = ([(at, format_duration(10 ** (low + at * (high - low)))) for at in decades] if len(decades) > 1
-                else [(0, format_duration(bins[0][0])), (1, format_duration(bins[-1][1]))])
+    decades = range(math.ceil(low), math.floor(high) + 1)
+    if len(decades) > 1:
+        x_labels = [((decade - low) / (high - low), format_duration(10 ** decade))
+                    for decade in decades]
+    else:
+        x_labels = [(0, format_duration(bins[0][0])), (1, format_duration(bins[-1][1]))]
     parts = plot_frame(x_labels, [(0, "0"), (1, format_count(most))],
                        "how long tasks took: %d tasks, mean %s, longest %s"
-                       % (times["count"], format_duration(times["mean"]), format_duration(times["max"])))
+                       % (times["count"], format_duration(times["mean"]),
+                          format_duration(times["max"])))
     for position, (low, high, count) in enumerate(bins):
         height = (bottom - top) * count / most
         parts.append("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#1565c0\">"
                      "<title>%s to %s: %d</title></rect>"
-                     % (PLOT_LEFT + position * width + 1, bottom - height, max(width - 2, 1), height,
-                        format_duration(low), format_duration(high), count))
-    parts.append("</svg><small>%s tasks; mean %s, longest %s (time in calc on the worker, log scale)</small>"
-                 % ("{:,}".format(times["count"]), format_duration(times["mean"]), format_duration(times["max"])))
+                     % (PLOT_LEFT + position * width + 1, bottom - height, max(width - 2, 1),
+                        height, format_duration(low), format_duration(high), count))
+    parts.append("</svg><small>%s tasks; mean %s, longest %s (time in calc on the worker, "
+                 "log scale)</small>" % ("{:,}".format(times["count"]),
+                                         format_duration(times["mean"]),
+                                         format_duration(times["max"])))
     return "".join(parts)
 
 
 # ------ The server and the report ---------------------------------------------------------
+
+TEXT = "text/plain; charset=utf-8"
+
 
 class DashboardHandler(http.server.BaseHTTPRequestHandler):
     """GET / (the page) and GET /status.json; nothing else, nothing that changes the run.
@@ -3168,17 +3215,18 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         path = self.path.split("?")[0]
         if server.loopback_only and not is_loopback_name(self.headers.get("Host", "")):
-            return self._send(403, "text/plain; charset=utf-8", b"this page answers only to loopback names\n")
+            return self._send(403, TEXT, b"this page answers only to loopback names\n")
         if path not in ("/", "/status.json"):
-            return self._send(404, "text/plain; charset=utf-8", b"no such page: try / or /status.json\n")
+            return self._send(404, TEXT, b"no such page: try / or /status.json\n")
         try:
             state = run_state(server.run)
             if path == "/":
-                return self._send(200, "text/html; charset=utf-8", render_page(state, live=True).encode())
+                page = render_page(state, live=True)
+                return self._send(200, "text/html; charset=utf-8", page.encode())
             return self._send(200, "application/json", json.dumps(state, default=str).encode())
         except Exception:
             log.exception("the dashboard failed on %s (a bug: please report it)", path)
-            return self._send(500, "text/plain; charset=utf-8", b"the dashboard failed: see the manager's log\n")
+            return self._send(500, TEXT, b"the dashboard failed: see the manager's log\n")
 
     def _send(self, code, content_type, body):
         self.send_response(code)
@@ -3216,18 +3264,19 @@ class Dashboard:
         try:
             self.server = DashboardServer((host, port))
         except OSError as e:
-            raise OdenError("cannot serve the dashboard on %s:%d (%s): pick another --dashboard HOST:PORT, "
-                            "or pass --no-dashboard" % (host, port, e.strerror or e))
+            raise OdenError("cannot serve the dashboard on %s:%d (%s): pick another --dashboard "
+                            "HOST:PORT, or pass --no-dashboard" % (host, port, e.strerror or e))
         self.server.run, self.server.loopback_only = run, is_loopback(host)
-        shown = platform.node() if host in ("0.0.0.0", "::") else "[%s]" % host if ":" in host else host
+        shown = (platform.node() if host in ("0.0.0.0", "::")
+                 else "[%s]" % host if ":" in host else host)
         self.url = "http://%s:%d/" % (shown, self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="dashboard", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="dashboard",
+                                       kwargs={"poll_interval": 0.1}, daemon=True)  # close(): 0.1 s
         self.thread.start()
         log.info("dashboard: %s (the run's live page; JSON at status.json)", self.url)
         if not self.server.loopback_only:
-            log.warning("the dashboard listens on %s: whoever reaches that port sees the run's counts and "
-                        "tracebacks (read-only)", host)
+            log.warning("the dashboard listens on %s: whoever reaches that port sees the run's "
+                        "counts and tracebacks (read-only)", host)
 
     def close(self):
         self.server.shutdown()
@@ -3346,7 +3395,7 @@ def client_tls(cafile):
 
 
 def fetch_status(host, request_timeout, tls=None):
-    """One host's /status.json, or {"error": reason} (with "answers" when something else answered)."""
+    """One host's /status.json, or {"error": reason} ("answers": True when something answered)."""
     try:
         with urllib.request.urlopen(host.uri + "/status.json", timeout=request_timeout, context=tls) as response:
             return json.loads(response.read().decode())
@@ -3381,9 +3430,10 @@ def why_unusable(host, key, settings, tls):
         return reason
     if hello.get("code") != code_digest():
         if hello.get("name") != settings.name:
-            return ("another project's job (%s): start this project's worker there, on another --port"
-                    % printable(repr(hello.get("name")))[:80])
-        return "different code (its oden.py or script differs from ours): copy the project again and restart it"
+            return ("another project's job (%s): start this project's worker there, on another "
+                    "--port" % printable(repr(hello.get("name")))[:80])
+        return ("different code (its oden.py or script differs from ours): copy the project again "
+                "and restart it")
     return None
 
 
@@ -3402,15 +3452,18 @@ def run_status(settings):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
         probes = list(pool.map(probe, hosts))
-    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task", "usable")]
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task",
+             "usable")]
     for host, (state, problem) in zip(hosts, probes):
         usable = "no: " + problem if problem else "yes"
         if "error" in state:
-            rows.append((host.label, "yes" if state.get("answers") else "no", "", "", "", "", "", "", usable))
+            reachable = "yes" if state.get("answers") else "no"
+            rows.append((host.label, reachable, "", "", "", "", "", "", usable))
             continue
         load, ages = state.get("load"), state.get("running_task_ages") or []
-        rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
-                     str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-",
+        rows.append((host.label, "yes", state["state"],
+                     "%d/%d" % (state["slots_busy"], state["slots"]), str(state["done"]),
+                     str(state["failed"]), "%.2f" % load[0] if load else "-",
                      format_duration(max(ages)) if ages else "-", usable))
     print(format_table(rows))
     return 0 if not any(problem for _, problem in probes) else 1
@@ -3426,15 +3479,18 @@ def run_results(settings):
     latest of each task; --all every one, --run STAMP one run's), in task order."""
     name, folder = settings.name, settings.folder
     run = "all" if settings.all else settings.run
-    everything = all_records(folder, name, lambda path, why: print(skipped_text(path, why), file=sys.stderr))
+    tell = lambda path, why: print(skipped_text(path, why), file=sys.stderr)
+    everything = all_records(folder, name, tell)
     records = choose_records(everything, run)
     standing = {id(record) for record in latest_outcomes(everything)}
     if not records:
         print("no result files of run %r%s in %s: check --name and --folder%s"
-              % (name, " with stamp %s" % run if run not in (None, "all") else "", os.path.abspath(folder),
-                 "; its runs: " + ", ".join(run_stamps(everything)) if everything else ""), file=sys.stderr)
-    with contextlib.suppress(AttributeError, ValueError):        # text of any script, whatever the locale
-        sys.stdout.reconfigure(encoding="utf-8" if settings.format else None, errors="backslashreplace")
+              % (name, " with stamp %s" % run if run not in (None, "all") else "",
+                 os.path.abspath(folder), "; its runs: " + ", ".join(run_stamps(everything))
+                 if everything else ""), file=sys.stderr)
+    with contextlib.suppress(AttributeError, ValueError):    # any text, whatever the locale
+        sys.stdout.reconfigure(encoding="utf-8" if settings.format else None,
+                               errors="backslashreplace")
     if settings.summary:
         print(results_summary(name, records, everything, standing, run))
         return 0
@@ -3446,16 +3502,19 @@ def run_results(settings):
         print()
     elif settings.format == "csv":
         writer = csv.writer(sys.stdout)
-        columns = ["index", "status", "task", "result", "exception", "host", "seconds", "run", "superseded"]
+        columns = ["index", "status", "task", "result", "exception", "host", "seconds", "run",
+                   "superseded"]
         writer.writerow(columns)
         for r in records:
             plain = plain_record(r, id(r) not in standing)
             writer.writerow([text_cell(plain[column]) for column in columns])
     else:
         for r in records:
-            outcome = cut(repr(r["result"]), settings.full) if "result" in r else "ERROR " + r.get("exception", "")
-            print("%s%s -> %s%s" % (r["run"] + "  " if run == "all" else "", cut(repr(r["task"]), settings.full),
-                                    outcome, "  (superseded by a later run)" if id(r) not in standing else ""))
+            outcome = (cut(repr(r["result"]), settings.full) if "result" in r
+                       else "ERROR " + r.get("exception", ""))
+            marks = "  (superseded by a later run)" if id(r) not in standing else ""
+            print("%s%s -> %s%s" % (r["run"] + "  " if run == "all" else "",
+                                    cut(repr(r["task"]), settings.full), outcome, marks))
     return 0
 
 
@@ -3463,7 +3522,8 @@ def cut(text, full=False):
     """`text`, or its first RESULT_CUT characters and how many more there are."""
     if full or len(text) <= RESULT_CUT:
         return text
-    return "%s... (%d more characters; --full shows all)" % (text[:RESULT_CUT], len(text) - RESULT_CUT)
+    return "%s... (%d more characters; --full shows all)" % (text[:RESULT_CUT],
+                                                              len(text) - RESULT_CUT)
 
 
 def plain_record(record, superseded=False):
@@ -3498,8 +3558,10 @@ def results_summary(name, records, everything, standing, run):
     each, and every run of `name` with its counts (of `everything`; `standing`: ids of the
     records that are their task's latest outcome)."""
     errors = [record for record in records if "result" not in record]
-    what = {None: "the latest outcome of each task", "all": "every outcome of every run"}.get(run, "run " + str(run))
-    lines = ["run %r: %d done, %d errors (%s)" % (name, len(records) - len(errors), len(errors), what)]
+    what = {None: "the latest outcome of each task", "all": "every outcome of every run"}.get(
+        run, "run %s" % run)
+    lines = ["run %r: %d done, %d errors (%s)" % (name, len(records) - len(errors), len(errors),
+                                                   what)]
     for stamp in run_stamps(everything):
         mine = [record for record in everything if record["run"] == stamp]
         failed = sum(1 for record in mine if "result" not in record)
@@ -3516,7 +3578,8 @@ def results_summary(name, records, everything, standing, run):
                      % (len(group), exception, cut(repr(group[0]["task"])),
                         "    " + group[0]["error"].rstrip().replace("\n", "\n    "),
                         ", ".join(str(i) for i in indices[:PAGE_ROWS]),
-                        " and %d more" % (len(indices) - PAGE_ROWS) if len(indices) > PAGE_ROWS else ""))
+                        " and %d more" % (len(indices) - PAGE_ROWS)
+                        if len(indices) > PAGE_ROWS else ""))
     return "\n".join(lines)
 
 
@@ -3601,8 +3664,9 @@ def build_parser(job):
         p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
         p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
                        "this name runs in this folder (both write files of the run)")
-        p.add_argument("--dashboard", type=dashboard_address, default=(DASHBOARD_BIND, 0), metavar="HOST:PORT",
-                       help="where the run's live page listens (default: %s, a free port)" % DASHBOARD_BIND)
+        p.add_argument("--dashboard", type=dashboard_address, default=(DASHBOARD_BIND, 0),
+                       metavar="HOST:PORT", help="where the run's live page listens (default: %s, "
+                       "a free port)" % DASHBOARD_BIND)
         p.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None,
                        help="no live page (the report is written all the same)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
@@ -3638,18 +3702,23 @@ def build_parser(job):
     manager_options(p)
     common(p)
     command("test", "run calc on every task here, in this process, and print each outcome")
-    p = command("status", "show the state of every host, and why one would not take this project's work")
+    p = command("status", "show the state of every host, and why one would not take this "
+                          "project's work")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)"
+                   % (KEY_FILE, KEY_ENV))
     p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
-    p = command("results", "print the saved results of a run: the latest outcome of each task, in task order")
+    p = command("results", "print the saved results of a run: the latest outcome of each task, in "
+                           "task order")
     p.add_argument("--errors", action="store_true", help="include errors")
-    p.add_argument("--summary", action="store_true", help="counts, failures grouped by exception, and the runs")
+    p.add_argument("--summary", action="store_true", help="counts, failures grouped by exception, "
+                   "and the runs")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--all", action="store_true", help="every outcome of every run, not only the latest")
-    which.add_argument("--run", type=run_stamp, metavar="STAMP", help="the outcomes of one run (the stamp in its "
-                       "file names, e.g. 20240101-120000)")
+    which.add_argument("--all", action="store_true",
+                       help="every outcome of every run, not only the latest")
+    which.add_argument("--run", type=run_stamp, metavar="STAMP",
+                       help="the outcomes of one run (the stamp in its files: 20240101-120000)")
     p.add_argument("--full", action="store_true", help="show long tasks and results in full")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
@@ -3674,18 +3743,19 @@ def argument_type(convert, allowed, kind, bounds):
 
 
 def dashboard_address(text):
-    """--dashboard: 'HOST:PORT', 'HOST' (a free port), ':PORT' or 'PORT' (on loopback), '[IPv6]:PORT'."""
+    """--dashboard: 'HOST:PORT', 'HOST' (a free port), ':PORT' or 'PORT' (loopback), '[IPv6]:N'."""
     if text.isdigit() or text.startswith(":"):
         text = DASHBOARD_BIND + ":" + text.lstrip(":")
     match = HOST_LINE.match(text)
     port = int(match.group("port") or 0) if match else -1
     if not 0 <= port < 65536:
-        raise argparse.ArgumentTypeError("%r is not HOST:PORT (port 0-65535; 0 or none: a free one)" % text)
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT (port 0-65535; 0 or none: a free one)"
+                                         % text)
     return match.group("v6") or match.group("name"), port
 
 
-run_stamp = argument_type(str, lambda v: re.match(STAMP + "$", v), "a stamp", "must be a run's stamp such as "
-                          "20240101-120000 (in its file names)")
+run_stamp = argument_type(str, lambda v: re.match(STAMP + "$", v), "a stamp",
+                          "must be a run's stamp such as 20240101-120000 (in its file names)")
 positive_int = argument_type(int, lambda v: v >= 1, "a whole number", "must be 1 or more")
 positive_float = argument_type(float, lambda v: v > 0, "a number", "must be more than 0")
 port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "port must be 0-65535")

@@ -420,7 +420,7 @@ class StatusTest(support.OdenTestCase):
         for label in ("slots busy 1 slots_busy", "slots in all 2 slots", "batches waiting for a slot",
                       "calc runs in threads", "up for", "load average over 1, 5, 15 min", "running for"):
             self.assertIn(label, words)
-        self.assertRegex(words, r"up for (\d+(\.\d)? s|\d+ min \d\d s) uptime")
+        self.assertRegex(words, r"up for (\d+(\.\d+)? (ms|s)|\d+ min \d\d s) uptime")
         line = fetch(ours.url + "/status")[2]
         self.assertRegex(line, r", oldest task running [\d.]+ (ms|s), up [\d.]+ (ms|s|min)")
         with open(project.path("release"), "w"):
