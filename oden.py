@@ -15,12 +15,14 @@ How the parts fit::
         long-polls for whichever results are ready <-              as soon as a batch ends
       ResultStore: one atomic .pickle per task       slot 1..N: calc(task) in a child
       progress line, log file, resume                  process (or a thread: --threads)
-                                                     GET / , /status , /status.json
+      Dashboard: live page on 127.0.0.1 (GET / ,     GET / , /status , /status.json
+        /status.json); frozen as the run's report
 
 * TaskBoard   : which tasks wait, which are in flight where, which are finished.
 * HostRunner  : one per host; connects, submits and polls in one request, requeues on failure.
 * WorkerState : the worker's queue of batches, its slots and the finished results.
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
+* Dashboard   : the manager's read-only live page of the run; frozen, it is the run's report.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
 receive.  Every POST body is signed with HMAC-SHA256 under a shared key
@@ -28,7 +30,8 @@ receive.  Every POST body is signed with HMAC-SHA256 under a shared key
 its signature checks out.  Without a key a worker only listens on loopback
 (or with ``--insecure``).  The key does not encrypt: use ``--certfile`` and
 ``--cafile`` (TLS) when tasks or results are confidential.  The status pages
-(GET) need no key and show counts and ages only, never tasks or results.
+(GET) need no key and show counts and ages only, never tasks or results; the
+manager's live page, on loopback unless --dashboard says otherwise, adds tracebacks.
 """
 import argparse
 import collections
