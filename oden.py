@@ -15,12 +15,14 @@ How the parts fit::
         long-polls for whichever results are ready <-              as soon as a batch ends
       ResultStore: one atomic .pickle per task       slot 1..N: calc(task) in a child
       progress line, log file, resume                  process (or a thread: --threads)
-                                                     GET / , /status , /status.json
+      Dashboard: live page on 127.0.0.1 (GET / ,     GET / , /status , /status.json
+        /status.json); frozen as the run's report
 
 * TaskBoard   : which tasks wait, which are in flight where, which are finished.
 * HostRunner  : one per host; connects, submits and polls in one request, requeues on failure.
 * WorkerState : the worker's queue of batches, its slots and the finished results.
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
+* Dashboard   : the manager's read-only live page of the run; frozen, it is the run's report.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
 receive.  Every POST is signed with HMAC-SHA256 under a shared key
@@ -32,7 +34,8 @@ request times and refusal log lines are bounded on the worker, and each
 request's time and answer size on the manager: see README.md "Security".
 The key does not encrypt: use ``--certfile`` and
 ``--cafile`` (TLS) when tasks or results are confidential.  The status pages
-(GET) need no key and show counts and ages only, never tasks or results.
+(GET) need no key and show counts and ages only, never tasks or results; the
+manager's live page, on loopback unless --dashboard says otherwise, adds tracebacks.
 """
 import argparse
 import ast
@@ -48,9 +51,11 @@ import hmac
 import html
 import http.client
 import http.server
+import importlib.util
 import ipaddress
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -194,6 +199,13 @@ RUN_QUIET = 10                      # seconds of silence after which a run's bat
 LEASE_ENV = "ODEN_RUN_LEASE"        # overrides RUN_LEASE (tests use a short lease)
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
 PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
+RATE_WINDOW = 30                    # seconds of the recent past the rate (and ETA) is measured over
+TIMELINE_POINTS = 600               # samples of finished-over-time kept: the whole run, thinned
+DASHBOARD_BIND = "127.0.0.1"        # the manager's live page: loopback unless --dashboard says
+DASHBOARD_REFRESH = 2               # seconds between updates of the live page in a browser
+PAGE_ROWS = 20                      # rows of a list on the live page and the report (not hosts)
+FAILURE_GROUPS = 200                # exception lines told apart; beyond, new ones group by type
+RESULT_CUT = 200                    # characters of a task or result `results` lists (--full: all)
 
 log = logging.getLogger("oden")
 
@@ -1344,23 +1356,67 @@ def run_lease():
 
 
 def status_text(state):
+    """GET /status: one line for curl, with units."""
+    ages = state["running_task_ages"]
     return ("oden %s worker %s: %s, %d of %d slots busy, %d queued batches, %d done, %d failed, "
-            "%d manager run%s, up %d s\n"
-            % (state["version"], state["name"], state["state"], state["slots_busy"], state["slots"],
-               state["queued_batches"], state["done"], state["failed"], state["runs"],
-               "" if state["runs"] == 1 else "s", state["uptime"]))
+            "%d manager run%s, %sup %s\n" % (
+                state["version"], state["name"], state["state"], state["slots_busy"],
+                state["slots"], state["queued_batches"], state["done"], state["failed"],
+                state["runs"], "" if state["runs"] == 1 else "s",
+                "oldest task running %s, " % format_duration(max(ages)) if ages else "",
+                format_duration(state["uptime"])))
 
 
-def status_html(state, user_text):
-    rows = "".join("<tr><th>%s</th><td>%s</td></tr>" % (html.escape(k), html.escape(str(v)))
-                   for k, v in state.items() if k != "running_task_ages")
-    ages = "".join("<li>running for %.1f s</li>" % age for age in state["running_task_ages"]) or "<li>none</li>"
+# What the worker's page calls each key of its state: (label, how the value reads).  The key
+# itself is shown beside it, as /status.json names it; a key not listed here is shown as it is.
+STATUS_LABELS = collections.OrderedDict([
+    ("state", ("state", str)),
+    ("slots_busy", ("slots busy", str)),
+    ("slots_free", ("slots free", str)),
+    ("slots", ("slots in all", str)),
+    ("queued_batches", ("batches waiting for a slot", str)),
+    ("run_done", ("tasks done in the current run", str)),
+    ("run_failed", ("tasks failed in the current run", str)),
+    ("done", ("tasks done since the worker started", str)),
+    ("failed", ("tasks failed since the worker started", str)),
+    ("name", ("job", str)),
+    ("mode", ("calc runs in", lambda mode: "child processes" if mode == "processes" else mode)),
+    ("uptime", ("up for", lambda seconds: format_duration(seconds))),
+    ("load", ("load average over 1, 5, 15 min", lambda load: ", ".join("%.2f" % x for x in load))),
+    ("host", ("machine", str)),
+    ("python", ("Python", str)),
+    ("version", ("oden", str)),
+])
+
+
+def status_html(state, user_text, address=None):
+    """GET /: the worker's page: `user_text` (show_status()), then every key of `state` with its
+    label and unit, then the age of each running task.  `address`: the worker's host:port."""
+    rows = []
+    for key in list(STATUS_LABELS) + [k for k in state if k not in STATUS_LABELS]:
+        if key not in state or key == "running_task_ages":
+            continue
+        label, show = STATUS_LABELS.get(key, (key, str))
+        value = state[key]
+        shown = "-" if value is None else show(value)
+        rows.append("<tr><th>%s</th><td>%s</td><td class=\"key\">%s</td></tr>"
+                    % (html.escape(label), html.escape(shown), html.escape(key)))
+    ages = "".join("<li>running for %.1f s (%s)</li>" % (age, format_duration(age))
+                   for age in sorted(state["running_task_ages"], reverse=True)) or "<li>none</li>"
+    where = html.escape(address or state.get("host", ""))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"refresh\" content=\"5\"><title>oden worker %s</title>"
-            "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style>"
-            "</head><body><h1>oden worker: %s</h1><pre>%s</pre><table>%s</table>"
-            "<h2>Tasks running</h2><ul>%s</ul></body></html>\n"
-            % (html.escape(state["name"]), html.escape(state["state"]), html.escape(user_text), rows, ages))
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<meta http-equiv=\"refresh\" content=\"5\"><title>oden worker %s: %s</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:1em;max-width:48em}"
+            "th{text-align:left;padding-right:1em;font-weight:normal}"
+            "td{font-weight:bold;padding-right:1em}"
+            "td.key{font:12px monospace;color:#666}pre{white-space:pre-wrap}</style>"
+            "</head><body><h1>oden worker %s: %s</h1><pre>%s</pre><table>%s</table>"
+            "<h2>Tasks running</h2><ul>%s</ul>"
+            "<p>The same as JSON: /status.json; one line: /status (updated every 5 s)</p>"
+            "</body></html>\n" % (where, html.escape(state["state"]), where,
+                                   html.escape(state["state"]), html.escape(user_text),
+                                   "".join(rows), ages))
 
 
 class Refusals:
@@ -1606,7 +1662,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         state = self.server.state
         path = self.path.split("?")[0]
         if path == "/":
-            self._send(200, status_html(state.status(), self._user_status()).encode(), "text/html; charset=utf-8")
+            address = "%s:%d" % (platform.node(), self.server.server_address[1])
+            self._send(200, status_html(state.status(), self._user_status(), address).encode(),
+                       "text/html; charset=utf-8")
         elif path == "/status":
             self._send(200, status_text(state.status()).encode(), "text/plain; charset=utf-8")
         elif path == "/status.json":
@@ -2439,6 +2497,14 @@ class TaskBoard:
             in_flight = sum(1 for i in self.unfinished if self.copies[i] > 0)
             return self.total - len(self.unfinished), in_flight, len(self.unfinished)
 
+    def ages(self, indices):
+        """{index: seconds since its newest copy was sent} for those of `indices` still
+        unfinished (the dashboard's oldest and slowest tasks; O(len(indices)))."""
+        with self.changed:
+            now = time.monotonic()
+            return {i: now - self.sent_at[i] for i in indices
+                    if i in self.unfinished and i in self.sent_at}
+
 
 class Fleet:
     """Which hosts are up or refuse us; lets the main thread notice when all have been down
@@ -2469,6 +2535,11 @@ class Fleet:
     def down_for(self):
         with self.lock:
             return 0 if self.all_down_since is None else time.monotonic() - self.all_down_since
+
+    def snapshot(self):
+        """(host numbers that are up, {host number: why it refuses us}), copies."""
+        with self.lock:
+            return set(self.up), dict(self.refused)
 
     def every_host_refuses(self):
         """{reason: [host labels]} when every host refuses us, else None."""
@@ -2575,6 +2646,15 @@ class HostRunner:
         self.mean_task = None            # seconds, running average from the worker's records
         self.finished_told = False
         self.down_reason = None
+
+    def snapshot(self):
+        """What the dashboard shows of this host: {"slots", "tasks" (indices in flight),
+        "down_reason"}.  Called from another thread without a lock: only this host's thread
+        writes these fields, each read is of one object, and dict.copy() of in_flight is one
+        atomic step (under the GIL, or the dict's own lock in a free-threaded Python)."""
+        in_flight = self.in_flight.copy()
+        return {"slots": self.slots, "down_reason": self.down_reason,
+                "tasks": [i for indices in in_flight.values() for i in indices]}
 
     # -- the loop --------------------------------------------------------
     def __call__(self):
@@ -2885,6 +2965,7 @@ class HostRunner:
 # {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
 #                                                            of one poll reply, named by its first task
 # {name}_{timestamp}.log                                     the manager's log of that run
+# {name}_{timestamp}.html                                    its report (see "Seeing a run")
 # .{name}.lock                                               held by the manager running `name`
 # The timestamp is YYYYmmdd-HHMMSS, the run's start, with "-2", "-3"... when an earlier run
 # of that name started in the same second.  A name may be a prefix of another ("sim" and
@@ -2904,6 +2985,10 @@ def result_file_name(name, host_number, stamp, index, suffix):
 
 def log_file_name(name, stamp):
     return "%s_%s.log" % (name, stamp)
+
+
+def report_file_name(name, stamp):
+    return "%s_%s.html" % (name, stamp)
 
 
 def workers_log_name(name, stamp):
@@ -2972,14 +3057,18 @@ def result_paths(folder, name, errors=False):
 
 def read_records(paths, on_bad=None):
     """Yield (path, record) for each record in readable result files (a pack holds
-    several); report unreadable files to on_bad."""
+    several); report the files that cannot be read to on_bad(path, why): `why` is a
+    ClassNotFound when the file is fine but a class of the run's script is missing."""
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                loaded = pickle.load(f)
+            loaded = load_result_file(path)
             records = loaded if path.endswith(PACK_SUFFIX) and isinstance(loaded, list) else [loaded]
             if not all(isinstance(record, dict) and "task" in record for record in records):
                 raise ValueError("not an oden result record")
+        except ClassNotFound as e:           # passed on as it is: skipped_text() tells it apart
+            if on_bad:
+                on_bad(path, e)
+            continue
         except Exception as e:
             if on_bad:
                 on_bad(path, one_line(e))
@@ -2989,10 +3078,151 @@ def read_records(paths, on_bad=None):
 
 
 def run_records(folder, name, errors=False, on_bad=None):
-    """Yield (path, record) for the records of run `name` only (see result_paths)."""
+    """Yield (path, record) for the records of run `name` only (see result_paths).  Each
+    record's "run" is its stamp (files written before records carried it: from the file name)."""
+    stamp = re.compile(re.escape(name) + r"\d+_(" + STAMP + ")_")
     for path, record in read_records(result_paths(folder, name, errors), on_bad):
         if record.get("name") == name:
+            if "run" not in record:
+                record["run"] = stamp.match(os.path.basename(path)).group(1)
             yield path, record
+
+
+def skipped_text(path, why):
+    """What to tell the user about a result file read_records() skipped."""
+    if isinstance(why, ClassNotFound):
+        return "skipped result file %s: %s" % (path, why)
+    return "skipped unreadable result file %s (%s)" % (path, why)
+
+
+# ------ Classes of the user's script in result files -------------------------------------
+#
+# A task or result may be an instance of a class defined in the run's script: pickle names it
+# "__main__.Point" (or "__mp_main__.Point" from a worker's slot process).  Where that script
+# is the main module (`python3 myjob.py results`) plain pickle finds it; anywhere else (an
+# analysis script, a notebook) load_result_file() imports the run's script from the project
+# folder, once per process, and looks the class up there.
+
+MAIN_MODULES = ("__main__", "__mp_main__")
+script_modules = {}                      # real path of a run's script -> its module, imported once
+
+
+class ClassNotFound(Exception):
+    """A result file is fine, but a class of the run's script it holds cannot be found."""
+
+
+class MissingMainClass(Exception):
+    """Raised inside unpickling: a class of the main script is in none of the modules tried."""
+
+
+class ResultUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that looks up classes of a main script ("__main__.Point") in this
+    process's main module, then in `modules` (the run's script, imported)."""
+
+    def __init__(self, file, modules=()):
+        super().__init__(file)
+        self.modules = [sys.modules.get("__main__")] + list(modules)
+
+    def find_class(self, module, name):
+        if module not in MAIN_MODULES:
+            return super().find_class(module, name)
+        for candidate in self.modules:
+            found = candidate
+            for part in name.split("."):
+                found = getattr(found, part, None)
+            if found is not None:
+                return found
+        raise MissingMainClass(name)
+
+
+class StubUnpickler(pickle.Unpickler):
+    """Reads a record whose classes cannot be found, only to learn its "script": every class of
+    a main script (or that fails to import) becomes a stand-in that accepts anything."""
+
+    class Stub:
+        def __new__(cls, *args, **kwargs):
+            return object.__new__(cls)
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+    def find_class(self, module, name):
+        if module not in MAIN_MODULES:
+            with contextlib.suppress(Exception):
+                return super().find_class(module, name)
+        return type(name.split(".")[-1], (self.Stub,), {})
+
+
+def load_result_file(path):
+    """Unpickle a result file; a class of the run's main script is found wherever this runs
+    (see above).  Raises ClassNotFound when the run's script is not where the files are,
+    beside oden.py or beside the main script, or does not define the class."""
+    with open(path, "rb") as f:
+        try:
+            return ResultUnpickler(f, script_modules.values()).load()
+        except MissingMainClass as e:
+            missing = str(e)
+        f.seek(0)
+        loaded = StubUnpickler(f).load()
+        record = loaded[0] if isinstance(loaded, list) and loaded else loaded
+        script = record.get("script") if isinstance(record, dict) else None
+        module = import_script(os.path.dirname(os.path.abspath(path)), script, record)
+        f.seek(0)
+        try:
+            return ResultUnpickler(f, [module] if module else []).load()
+        except MissingMainClass:
+            where = script_folders(os.path.dirname(os.path.abspath(path)))
+            raise ClassNotFound(
+                "it holds an instance of class %s from the run's script %s, which %s: run this in "
+                "the project's folder, or import that class before loading" % (
+                    missing, script or "(not recorded)",
+                    "does not define it" if module else "is not in %s" % ", ".join(where)))
+
+
+def script_folders(results_folder):
+    """Where a run's script may be: beside its results, beside oden.py, beside the main script."""
+    folders = [results_folder, os.path.dirname(os.path.abspath(__file__)), script_folder()]
+    return [folder for position, folder in enumerate(folders) if folder not in folders[:position]]
+
+
+def import_script(results_folder, script, record):
+    """The module of a run's script (imported once per process, without running its main
+    part), or None when it is nowhere to be found.  Records written before they named their
+    script: the script named like the run, else oden.py."""
+    names = [script] if script else [str(record.get("name")) + ".py", "oden.py"]
+    for folder in script_folders(results_folder):
+        for script_name in names:
+            path = os.path.join(folder, os.path.basename(script_name))
+            if os.path.isfile(path):
+                return script_module(path)
+    return None
+
+
+def script_module(path):
+    """The module of the script at `path`: one already imported (oden itself, or the user's
+    `import myjob`), else imported now under its own name when that is free."""
+    path = os.path.realpath(path)
+    if path not in script_modules:
+        found = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None)
+                      and os.path.realpath(m.__file__) == path), None)
+        if found is None:
+            module_name = os.path.splitext(os.path.basename(path))[0]
+            if module_name in sys.modules or not module_name.isidentifier():
+                module_name = "oden_script_%s" % hashlib.sha256(path.encode()).hexdigest()[:8]
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            found = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = found      # dataclasses and pickle look classes up there
+            try:
+                spec.loader.exec_module(found)
+            except (Exception, SystemExit) as e:
+                del sys.modules[module_name]
+                raise ClassNotFound("importing the run's script %s to find its classes raised %s"
+                                    % (path, one_line(e)))
+        script_modules[path] = found
+    return script_modules[path]
 
 
 def remove_temporaries(folder, name):
@@ -3127,16 +3357,69 @@ def tasks_to_run(tasks, folder, name, on_bad=None):
     return [index for index, task in enumerate(tasks) if not done.take(task)]
 
 
-def load_results(name=None, folder=".", errors=False):
-    """Yield (task, result) for every success of run `name`; with errors=True
-    also (task, record) for every error, where record["error"] is the traceback."""
+def stamp_order(stamp):
+    """A run's place in time from its stamp: "20240101-120000-2" comes after "...-120000"
+    and before "...-120000-10"."""
+    match = re.match(r"(\d{8}-\d{6})(?:-(\d+))?$", stamp or "")
+    return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
+
+
+def outcome_order(record):
+    """Sort key of a task's outcomes, oldest first: by run, then by when it ended."""
+    return stamp_order(record.get("run")), record.get("ended") or 0
+
+
+def latest_outcomes(records):
+    """The records that still stand: for each task (its index, and a task equal to it) the
+    outcome of the newest run, so a later success supersedes an earlier error and a re-run
+    supersedes what the run before found.  (A task of another make_tasks() that took the
+    same index is a task of its own.)"""
+    by_index = collections.defaultdict(list)
+    for record in records:
+        by_index[record["index"]].append(record)
+    latest = []
+    for outcomes in by_index.values():
+        kept = []
+        for record in sorted(outcomes, key=outcome_order, reverse=True):
+            if not any(safe_equal(record["task"], newer["task"]) for newer in kept):
+                kept.append(record)
+        latest += kept
+    return latest
+
+
+def all_records(folder, name, on_bad=None):
+    """Every record of run `name`, successes and errors, of every run (see run_records)."""
+    return [record for errors in (False, True)
+            for _, record in run_records(folder, name, errors, on_bad)]
+
+
+def choose_records(records, run=None):
+    """`records` in task order: by default the latest outcome of each task (latest_outcomes);
+    run="all": every one, oldest run first; run=STAMP: those of that run only."""
+    if run is None:
+        records = latest_outcomes(records)
+    elif run != "all":
+        records = [record for record in records if record["run"] == run]
+    return sorted(records, key=lambda record: (record["index"], outcome_order(record)))
+
+
+def load_results(name=None, folder=".", errors=False, run=None):
+    """Yield (task, result) for the successes of run `name`, in task order; with errors=True
+    then (task, record) for the errors, where record["error"] is the traceback.  By default
+    only the latest outcome of each task counts: an error that a later run fixed is not
+    yielded, nor an old result of a task run again; run="all" yields every outcome of every
+    run, run="20240101-120000" those of one run (the stamp in its file names).  Classes of the
+    run's script are found wherever this runs (see load_result_file)."""
     name = name or globals()["name"]
-    on_bad = lambda path, why: log.warning("skipped unreadable result file %s (%s)", path, why)
-    for _, record in run_records(folder, name, on_bad=on_bad):
-        yield record["task"], record["result"]
+    warn = lambda path, why: log.warning("%s", skipped_text(path, why))
+    records = choose_records(all_records(folder, name, warn), run)
+    for record in records:
+        if "result" in record:
+            yield record["task"], record["result"]
     if errors:
-        for _, record in run_records(folder, name, errors=True, on_bad=on_bad):
-            yield record["task"], record
+        for record in records:
+            if "result" not in record:
+                yield record["task"], record
 
 
 # ====================================================================
@@ -3162,9 +3445,14 @@ class Run:
         self.batch_counter = 0
         self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
         self.done = self.failed = self.duplicates = 0
+        self.failures = collections.OrderedDict()    # exception -> [count, a traceback, indices]
+        self.task_times = TaskTimes()    # how long calc took: a histogram (under self.lock too)
         self.cannot_save = None          # why a result file could not be written: the run stops
         self.writer = ResultWriter(self)
         self.started = time.monotonic()
+        self.timeline = Timeline(self.started)
+        self.runners = []                # each host's HostRunner, set by drive() (for the page)
+        self.script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
 
     def new_batch_id(self):
         with self.lock:
@@ -3199,6 +3487,8 @@ class Run:
             log.debug("tasks %s done on %s", [c["index"] for c in done], host.label)
         for contents in written:
             self._count(host, contents)
+        self.timeline.mark_first(sum(self.counts()))
+        for contents in written:
             if "error" in contents:
                 output = contents["output"]
                 log.error("task %d failed on %s: %s\n%s%s", contents["index"], host.label,
@@ -3249,8 +3539,8 @@ class Run:
         """The dict a result file holds (see README.md "Result files")."""
         index = record["index"]
         contents = {"name": self.settings.name, "index": index, "task": self.tasks.task(index),
-                    "host": host.label,
-                    "started": record.get("started"), "ended": record.get("ended"), "output": record.get("output", "")}
+                    "host": host.label, "started": record.get("started"), "ended": record.get("ended"),
+                    "output": record.get("output", ""), "run": self.stamp, "script": self.script}
         if not record["ok"]:
             contents.update(error=record["error"], exception=record["exception"])
             return contents
@@ -3271,10 +3561,40 @@ class Run:
             counts[0 if ok else 1] += 1
             if contents["started"]:
                 counts[2] += contents["ended"] - contents["started"]
+                self.task_times.add(contents["ended"] - contents["started"])
             if ok:
                 self.done += 1
             else:
                 self.failed += 1
+                line = contents["exception"]
+                if line not in self.failures and len(self.failures) >= FAILURE_GROUPS:
+                    line = line.split(":")[0] + ": (and other messages)"     # memory stays bounded
+                group = self.failures.setdefault(line, [0, contents["error"], []])
+                group[0] += 1
+                group[2].append(contents["index"])
+
+    # -- what the dashboard reads, each a copy taken under the lock ------------------------
+    def counts(self):
+        """(done, failed): outcomes whose files are written."""
+        with self.lock:
+            return self.done, self.failed
+
+    def host_counts(self):
+        """{host label: (done, failed, seconds calc took in all)}."""
+        with self.lock:
+            return {label: tuple(counts) for label, counts in self.per_host.items()}
+
+    def failure_groups(self, shown=PAGE_ROWS):
+        """[(exception line, count, its first traceback, its first `shown` tasks)], most first."""
+        with self.lock:
+            groups = [(line, count, error, indices[:shown])
+                      for line, (count, error, indices) in self.failures.items()]
+        return sorted(groups, key=lambda group: -group[1])
+
+    def task_time_bins(self):
+        """See TaskTimes.bins()."""
+        with self.lock:
+            return self.task_times.bins()
 
     def call_user(self, function_name, *args):
         """Call a user hook; its exception is logged, never fatal to the run."""
@@ -3391,12 +3711,13 @@ class Progress:
 
     On a terminal the console log writes through this object: a log line first
     wipes the progress line, so the two never share a line; the next tick redraws it.
+    The line fits the terminal's width (read at every redraw): a narrow one gets shorter
+    fields, so it never wraps.  The rate is the run's Timeline's: from the first result on.
     """
 
     def __init__(self, run, stream, quiet):
         self.run, self.stream, self.quiet = run, stream, quiet
         self.tty = stream.isatty()
-        self.history = collections.deque(maxlen=50)     # (time, finished) for the recent rate
         self.last_log = time.monotonic()
         self.width = 0
         self.lock = threading.Lock()
@@ -3417,26 +3738,44 @@ class Progress:
             self.stream.write("\r" + " " * self.width + "\r")
             self.width = 0
 
-    def line(self):
-        _, in_flight, _ = self.run.board.counts()
-        finished, total = self.run.done + self.run.failed, self.run.board.total
-        now = time.monotonic()
-        self.history.append((now, finished))
-        first_time, first_count = self.history[0]
-        rate = (finished - first_count) / (now - first_time) if now > first_time else 0.0
-        eta = format_seconds((total - finished) / rate) if rate > 0 else "?"
-        up = len(self.run.fleet.up)
-        return ("%d/%d finished (%d done, %d failed), %d in flight | %.1f tasks/s | %s elapsed | ETA %s | "
-                "hosts %d up %d down" % (finished, total, self.run.done, self.run.failed, in_flight, rate,
-                                         format_seconds(now - self.run.started), eta, up, len(self.run.hosts) - up))
+    def line(self, width=None):
+        """The progress text, with fields as short as `width` columns need (None: in full)."""
+        run = self.run
+        done, failed = run.counts()
+        _, in_flight, _ = run.board.counts()
+        finished, total = done + failed, run.board.total
+        rate = run.timeline.rate(finished)
+        eta = format_seconds((total - finished) / rate) if rate else "?"
+        shown_rate = format_rate(rate)
+        up = len(run.fleet.snapshot()[0])
+        elapsed = format_seconds(time.monotonic() - run.started)
+        variants = (
+            "%d/%d finished (%d done, %d failed), %d in flight | %s tasks/s | %s elapsed | "
+            "ETA %s | hosts %d up %d down" % (finished, total, done, failed, in_flight, shown_rate,
+                                              elapsed, eta, up, len(run.hosts) - up),
+            "%d/%d (%d failed), %d running | %s/s | ETA %s | %d/%d hosts up"
+            % (finished, total, failed, in_flight, shown_rate, eta, up, len(run.hosts)),
+            "%d/%d, %d failed | %s/s | ETA %s" % (finished, total, failed, shown_rate, eta),
+            "%d/%d ETA %s" % (finished, total, eta))
+        fitting = (text for text in variants if width is None or len(text) <= width)
+        return next(fitting, variants[-1][:width])
+
+    def columns(self):
+        """The terminal's width; when it does not say: $COLUMNS, else 80 (as shutil tells)."""
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            width = 0
+        return width or shutil.get_terminal_size().columns
 
     def tick(self):
         if self.quiet:
             return
         if self.tty:
-            text = self.line()
+            width = max(1, self.columns() - 1)         # the last column wraps on some terminals
+            text = self.line(width)
             with self.lock:
-                self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+                self.stream.write("\r" + text + " " * max(0, min(self.width, width) - len(text)))
                 self.stream.flush()
                 self.width = len(text)
         elif time.monotonic() - self.last_log >= PROGRESS_LOG_EVERY:
@@ -3451,9 +3790,29 @@ class Progress:
             handler.setStream(self.stream)
 
 
+def format_rate(rate):
+    """Tasks per second as the progress line and the dashboard show it; '?' before it is known."""
+    if rate is None:
+        return "?"
+    return "%.0f" % rate if rate >= 100 else "%.1f" % rate if rate >= 1 else "%.3f" % rate
+
+
 def format_seconds(seconds):
     seconds = int(seconds)
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def format_duration(seconds):
+    """A span of time for people, in two units at most: '420 ms', '12 s', '3 min 05 s',
+    '2 h 07 min', '3 d 04 h'."""
+    if seconds < 10:
+        return "%.3g ms" % (seconds * 1000) if seconds < 1 else "%.1f s" % seconds
+    whole = int(seconds)
+    units = (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1))
+    for unit, size, small, small_size in units:
+        if whole >= size:
+            return "%d %s %02d %s" % (whole // size, unit, whole % size // small_size, small)
+    return "%d s" % whole
 
 
 def summary_table(run):
@@ -3558,15 +3917,18 @@ def drive(run):
     """Start the host threads, show progress, stop on completion, Ctrl-C or SIGTERM, a dead
     fleet, a fleet that refuses us, or a result file that cannot be written."""
     settings, board = run.settings, run.board
+    dashboard = Dashboard(run, settings.dashboard) if getattr(settings, "dashboard", None) else None
     progress = Progress(run, sys.stderr, settings.quiet)
     interrupted = gave_up = None
     refusals = None
     run.writer.start()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
-    futures = [pool.submit(HostRunner(run, host)) for host in run.hosts]
+    run.runners = [HostRunner(run, host) for host in run.hosts]
+    futures = [pool.submit(runner) for runner in run.runners]
     try:
         while not board.finished and not board.stopping:
             board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)   # not wait(): one redraw per period
+            run.timeline.sample(*run.counts())
             progress.tick()
             refusals = run.fleet.every_host_refuses()
             gave_up = run.fleet.down_for() > settings.give_up_after
@@ -3587,7 +3949,11 @@ def drive(run):
     for future in futures:
         if future.exception():
             log.error("a host thread failed: %s", one_line(future.exception()))
-    return conclude(run, interrupted, gave_up, refusals)
+    try:
+        return conclude(run, interrupted, gave_up, refusals)
+    finally:
+        if dashboard:
+            dashboard.close()
 
 
 def conclude(run, interrupted, gave_up, refusals):
@@ -3598,6 +3964,7 @@ def conclude(run, interrupted, gave_up, refusals):
     log.info("summary:\n%s", summary_table(run))
     log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed", run.done, run.failed,
              missing, run.duplicates, format_seconds(time.monotonic() - run.started))
+    write_report(run)
     finish = "run '%s' to finish them" % run.resume_hint
     if run.cannot_save:
         log.error("stopped: %s; then %s", run.cannot_save, finish)
@@ -3663,6 +4030,556 @@ def confirm_new_run(folder, name, yes, resume_hint):
                         % (name, os.path.abspath(folder), resume_hint))
     if input(question).strip().lower() not in ("y", "yes"):
         raise OdenError("not started: run '%s' to run only what is missing" % resume_hint)
+
+
+# ====================================================================
+# Seeing a run: its live page (Dashboard) and its report
+# ====================================================================
+#
+# The manager serves one page while it runs (http://127.0.0.1:<free port>/ unless
+# --dashboard says where, none with --no-dashboard) and writes the same page, frozen, as
+# {name}_{stamp}.html at the end.  Both come from run_state(): counts, ages and tracebacks
+# read through each object's locked accessor when a page is asked for, never a task or a
+# result.  The run's hot path pays O(1) per task for it: Run counts each outcome into
+# TaskTimes and its failure groups; the drive loop samples the Timeline once a period.
+
+class Timeline:
+    """Tasks finished over time, for the rate, the ETA and the plot: at most TIMELINE_POINTS
+    samples (seconds since the start, done, failed) spanning the whole run; when full, every
+    other one goes and samples come half as often.  `first` is (seconds, finished) when the
+    first outcomes were counted: the rate is measured from there, not from the start."""
+    SETTLE = 0.25                        # seconds after the first result before a rate is told
+
+    def __init__(self, started):
+        self.lock = threading.Lock()
+        self.started = started           # time.monotonic() of the run's start
+        self.every = 1.0                 # seconds between samples
+        self.samples = [(0.0, 0, 0)]
+        self.first = None
+
+    def mark_first(self, finished):
+        """Called by Run after it counted outcomes; only the first call counts."""
+        if self.first is None:           # set once, then only read: the lock only for setting it
+            with self.lock:
+                if self.first is None:
+                    self.first = (time.monotonic() - self.started, finished)
+
+    def sample(self, done, failed):
+        """Called by the drive loop every period; keeps one sample per `every` s."""
+        at = time.monotonic() - self.started
+        with self.lock:
+            if at - self.samples[-1][0] < self.every:
+                return
+            self.samples.append((at, done, failed))
+            if len(self.samples) > TIMELINE_POINTS:
+                self.samples, self.every = self.samples[::2], self.every * 2
+
+    def points(self):
+        with self.lock:
+            return list(self.samples)
+
+    def rate(self, finished):
+        """Tasks per second over the last RATE_WINDOW s, from the first result on; None until
+        SETTLE s have passed since the first result."""
+        at = time.monotonic() - self.started
+        with self.lock:
+            if self.first is None:
+                return None
+            since, count = self.first
+            for sampled, done, failed in reversed(self.samples):
+                if sampled <= at - RATE_WINDOW:
+                    if sampled > since:
+                        since, count = sampled, done + failed
+                    break
+        return (finished - count) / (at - since) if at - since >= self.SETTLE else None
+
+
+class TaskTimes:
+    """How long calc took per task, as counts in bins a tenth of a decade wide (1 ms, 1.26 ms,
+    1.58 ms, ...): a histogram of any number of tasks in constant memory, for a few tenths of a
+    microsecond per task.  Not locked: Run adds and reads under its own lock."""
+    PER_DECADE = 10
+    OFFSET = 60                          # bin 0 is 1 microsecond, which shorter tasks count as
+
+    def __init__(self):
+        self.counts = {}                 # bin b -> tasks of [10**(b/10 - 6), 10**((b+1)/10 - 6)) s
+        self.total, self.longest = 0.0, 0.0
+
+    def add(self, seconds):
+        bin_ = int(math.log10(seconds) * self.PER_DECADE + self.OFFSET) if seconds > 1e-6 else 0
+        self.counts[bin_] = self.counts.get(bin_, 0) + 1
+        self.total += seconds
+        if seconds > self.longest:
+            self.longest = seconds
+
+    def bins(self):
+        """{"count", "mean", "max" (seconds), "bins": [[from s, to s, tasks], ...]} over the bins
+        from the shortest task to the longest, empty ones included."""
+        count = sum(self.counts.values())
+        if not count:
+            return {"count": 0, "mean": None, "max": None, "bins": []}
+        edge = lambda b: 10 ** ((b - self.OFFSET) / self.PER_DECADE)
+        return {"count": count, "mean": self.total / count, "max": self.longest,
+                "bins": [[edge(b), edge(b + 1), self.counts.get(b, 0)]
+                         for b in range(min(self.counts), max(self.counts) + 1)]}
+
+
+def run_state(run):
+    """What the live page, /status.json and the report show (see README.md "The live page").
+    Every figure is read through a locked accessor; O(hosts + tasks in flight), not O(tasks)."""
+    done, failed = run.counts()
+    _, in_flight, _ = run.board.counts()
+    total, finished = run.board.total, done + failed
+    rate = run.timeline.rate(finished)
+    up, refused = run.fleet.snapshot()
+    per_host = run.host_counts()
+    views = {runner.host.number: runner.snapshot() for runner in run.runners}
+    ages = run.board.ages([index for view in views.values() for index in view["tasks"]])
+    hosts, running = [], []
+    for host in run.hosts:
+        view = views.get(host.number, {"slots": 0, "tasks": [], "down_reason": None})
+        host_done, host_failed, seconds = per_host.get(host.label, (0, 0, 0.0))
+        mine = [(ages[index], index, host.label) for index in view["tasks"] if index in ages]
+        running += mine
+        if host.number in up:
+            state, why = "up", None
+        elif host.number in refused:
+            state, why = "refusing", refused[host.number]
+        else:
+            state, why = "down", view["down_reason"] or "not connected yet"
+        outcomes = host_done + host_failed
+        hosts.append({"host": host.label, "url": host.uri + "/", "state": state, "why": why,
+                      "slots": view["slots"], "in_flight": len(mine), "done": host_done,
+                      "failed": host_failed,
+                      "mean_task_seconds": seconds / outcomes if outcomes else None,
+                      "oldest_running_seconds": max(mine)[0] if mine else None})
+    times = run.task_time_bins()
+    state = "finished" if run.board.finished else "stopped" if run.board.stopping else "running"
+    elapsed = time.monotonic() - run.started
+    if state != "running":               # the report: the mean rate of the whole run
+        rate = finished / elapsed if elapsed > 0 else None
+    return {
+        "name": run.settings.name, "run": run.stamp, "state": state, "elapsed_seconds": elapsed,
+        "total": total, "done": done, "failed": failed, "in_flight": in_flight,
+        "left": max(0, total - finished - in_flight),
+        "rate_per_second": rate,
+        "eta_seconds": (total - finished) / rate if rate and state == "running" else None,
+        "hosts": hosts,
+        "failures": [{"exception": line, "count": count, "tasks": indices, "traceback": error}
+                     for line, count, error, indices in run.failure_groups()[:PAGE_ROWS]],
+        "slowest": [{"task": index, "host": label, "seconds": age}
+                    for age, index, label in sorted(running, reverse=True)[:PAGE_ROWS]],
+        "timeline": [list(point) for point in run.timeline.points()],
+        "task_seconds": times}
+
+
+# ------ The page: complete HTML from the server, inline SVG, no JavaScript needed ----------
+
+PAGE_STYLE = """
+:root{--done:#2e7d32;--failed:#c62828;--flight:#1565c0;--left:#d0d7de;--fg:#1f2328;
+--muted:#59636e;--line:#d8dee4;--card:#fff;--bg:#f3f5f7}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+main{max-width:1120px;margin:0 auto;padding:16px}
+h1{font-size:1.35rem;margin:0}h2{font-size:1.05rem;margin:0 0 8px}
+.muted,small{color:var(--muted)}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:14px 16px;margin:12px 0}
+.bar{display:flex;height:20px;border-radius:4px;overflow:hidden;background:var(--left);
+margin:10px 0}
+.bar span{height:100%}
+.stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(96px,1fr));gap:8px}
+.stats div{border-left:4px solid var(--line);padding-left:8px}
+.stats b{display:block;font-size:1.35rem;font-variant-numeric:tabular-nums}
+.done{border-color:var(--done)!important}.failed{border-color:var(--failed)!important}
+.flight{border-color:var(--flight)!important}.left{border-color:var(--left)!important}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:0 12px}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
+th{font-weight:600;color:var(--muted);white-space:nowrap}
+th:first-child,td:first-child,th.text,td.text{text-align:left}
+td.why{text-align:left;color:var(--muted);font-size:.85rem;max-width:26em}
+.up{color:var(--done)}.down,.refusing{color:var(--failed)}
+tr.total td{font-weight:600;border-bottom:0}
+details{border-top:1px solid var(--line);padding:6px 0}
+summary{cursor:pointer}summary b{color:var(--failed)}
+pre{margin:6px 0 0;padding:8px;background:var(--bg);border-radius:4px;overflow-x:auto;
+font-size:12px;line-height:1.35}
+svg{display:block;width:100%;height:auto}svg text{font-size:14px;fill:var(--muted)}
+h1 small,.nowrap{white-space:nowrap}
+footer{font-size:.85rem;color:var(--muted);margin:16px 0}
+@media (max-width:640px){
+main{padding:8px}.card{padding:10px 12px}svg text{font-size:19px}
+table.rows thead{display:none}
+table.rows tr{display:grid;grid-template-columns:1fr 1fr;column-gap:20px;
+border-bottom:1px solid var(--line);padding:6px 0}
+table.rows td{display:flex;justify-content:space-between;gap:8px;border:0;padding:1px 0;
+text-align:right}
+table.rows td::before{content:attr(data-label);color:var(--muted);text-align:left}
+table.rows td:first-child,table.rows td.why{grid-column:1/-1}
+table.rows td.why{max-width:none}table.rows td.why:empty{display:none}
+}
+"""
+
+# On the live page only: fetch the page again every DASHBOARD_REFRESH s and swap it in, keeping
+# the tracebacks the reader opened; without JavaScript a meta refresh does it (less smoothly).
+PAGE_SCRIPT = """
+(function(){var busy=false,shown=document.getElementById("live");
+setInterval(function(){if(busy)return;busy=true;
+fetch(location.pathname,{cache:"no-store"}).then(function(r){return r.text()}).then(function(t){
+var open={};document.querySelectorAll("details[open]").forEach(function(d){open[d.id]=1});
+var page=new DOMParser().parseFromString(t,"text/html");
+document.querySelector("main").replaceWith(page.querySelector("main"));document.title=page.title;
+document.querySelectorAll("details").forEach(function(d){if(open[d.id])d.open=true});
+shown=document.getElementById("live")}).catch(function(){
+if(shown)shown.textContent="not updated since "+new Date().toLocaleTimeString()+
+": the run has ended"})
+.then(function(){busy=false})},%d)})();
+"""
+
+
+def esc(value):
+    """Text for HTML: escaped, with a peer's control characters made visible (see printable)."""
+    return html.escape(printable(str(value)))
+
+
+def render_page(state, live):
+    """The dashboard's page (`live`) or the report: one complete HTML document that loads
+    nothing else.  The report adds a histogram of task times and does not link to the hosts."""
+    finished = state["done"] + state["failed"]
+    percent = 100.0 * finished / state["total"] if state["total"] else 100.0
+    title = "%s %.0f%% - oden %s" % (state["state"], percent, state["name"])
+    if live:
+        head = ("<noscript><meta http-equiv=\"refresh\" content=\"%d\"></noscript>"
+                "<script>%s</script>" % (max(5, DASHBOARD_REFRESH),
+                                         PAGE_SCRIPT % (DASHBOARD_REFRESH * 1000)))
+        when = "<span id=\"live\">live: updated every %d s</span>" % DASHBOARD_REFRESH
+    else:
+        offline = dict(state, hosts=[{k: v for k, v in h.items() if k != "url"}
+                                     for h in state["hosts"]])
+        head = "<script type=\"application/json\" id=\"oden-status\">%s</script>" % json.dumps(
+            offline, default=str).replace("<", "\\u003c")     # for scripts; names no other host
+        when = ("report written <span class=\"nowrap\">%s</span>"
+                % esc(time.strftime("%Y-%m-%d %H:%M:%S")))
+    beside = (html_slowest(state["slowest"], state["in_flight"]) if live else
+              card("How long tasks took", svg_histogram(state["task_seconds"])))
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        "<title>%s</title><style>%s</style>%s</head><body><main>" % (esc(title), PAGE_STYLE, head),
+        "<header><h1>oden: %s <small>run %s</small></h1>"
+        "<div class=\"muted\">%s, %s elapsed; %s</div></header>"
+        % (esc(state["name"]), esc(state["run"]), esc(state["state"]),
+           format_duration(state["elapsed_seconds"]), when),
+        html_progress(state, percent),
+        "<div class=\"grid\">%s%s</div>"
+        % (card("Tasks finished over time", svg_timeline(state)), beside),
+        html_hosts(state["hosts"], live), html_failures(state["failures"], state["failed"]),
+        "<footer>oden %s. %sCounts, ages and tracebacks only: never a task or a result.</footer>"
+        % (VERSION, "Read-only; the same for scripts: /status.json. " if live else ""),
+        "</main></body></html>\n"])
+
+
+def card(heading, body):
+    return "<section class=\"card\"><h2>%s</h2>%s</section>" % (heading, body)
+
+
+def html_progress(state, percent):
+    """The bar (done, failed, in flight, left) and the figures under it."""
+    total = max(1, state["total"])
+    parts = [("done", state["done"]), ("failed", state["failed"]),
+             ("in flight", state["in_flight"]), ("left", state["left"])]
+    bar = "".join("<span style=\"width:%.3f%%;background:var(--%s)\" title=\"%s: %d\"></span>"
+                  % (100.0 * count / total, css.split()[-1], css, count)
+                  for css, count in parts[:3] if count)
+    tiles = [(css.split()[-1], css, "{:,}".format(count)) for css, count in parts]
+    if state["state"] == "running":
+        tiles += [("", "tasks/s", format_rate(state["rate_per_second"])),
+                  ("", "ETA", optional_duration(state["eta_seconds"]).replace("-", "?"))]
+    else:
+        tiles += [("", "mean tasks/s", format_rate(state["rate_per_second"])),
+                  ("", "elapsed", format_duration(state["elapsed_seconds"]))]
+    finished = "{:,}".format(state["done"] + state["failed"])
+    return card("%s of %s tasks finished (%.1f%%)"
+                % (finished, "{:,}".format(state["total"]), percent),
+                "<div class=\"bar\">%s</div><div class=\"stats\">%s</div>"
+                % (bar, "".join("<div class=\"%s\"><b>%s</b>%s</div>" % (css, value, label)
+                                for css, label, value in tiles)))
+
+
+HOST_COLUMNS = (("host", "text"), ("state", "text"), ("slots", ""), ("in flight", ""), ("done", ""),
+                ("failed", ""), ("mean task", ""), ("oldest running", ""), ("why", "why"))
+
+
+def html_hosts(hosts, live):
+    """The table of hosts, with a total row; live, each host links to its worker's own page."""
+    rows = []
+    for h in hosts:
+        label = esc(h["host"])
+        if live:
+            label = "<a href=\"%s\">%s</a>" % (esc(h["url"]), label)
+        rows.append([label, "<span class=\"%s\">%s</span>" % (h["state"], h["state"]),
+                     str(h["slots"]), str(h["in_flight"]), "{:,}".format(h["done"]),
+                     "{:,}".format(h["failed"]), optional_duration(h["mean_task_seconds"]),
+                     optional_duration(h["oldest_running_seconds"]), esc(h["why"] or "")])
+    done, failed = sum(h["done"] for h in hosts), sum(h["failed"] for h in hosts)
+    means = [(h["mean_task_seconds"], h["done"] + h["failed"])
+             for h in hosts if h["mean_task_seconds"] is not None]
+    mean = sum(m * n for m, n in means) / sum(n for _, n in means) if means else None
+    oldest = [h["oldest_running_seconds"] for h in hosts if h["oldest_running_seconds"] is not None]
+    up = sum(1 for h in hosts if h["state"] == "up")
+    total = ["total", "%d of %d up" % (up, len(hosts)), str(sum(h["slots"] for h in hosts)),
+             str(sum(h["in_flight"] for h in hosts)), "{:,}".format(done), "{:,}".format(failed),
+             optional_duration(mean), optional_duration(max(oldest) if oldest else None), ""]
+    return card("Hosts", html_table(HOST_COLUMNS, rows, total))
+
+
+def html_table(columns, rows, total=None):
+    """A table whose rows turn into label-value pairs on a phone (data-label, see PAGE_STYLE).
+    `columns`: (label, kind): "text" left-aligned, "" a number, "why" a note without a heading;
+    `rows`: lists of cells as HTML; `total`: a last row in bold."""
+    def row(cells, css):
+        return "<tr%s>%s</tr>" % (css, "".join(
+            "<td data-label=\"%s\" class=\"%s\">%s</td>" % (label, kind, cell)
+            for cell, (label, kind) in zip(cells, columns)))
+    head = "".join("<th class=\"%s\">%s</th>" % (kind, "" if kind == "why" else label)
+                   for label, kind in columns)
+    last = row(total, " class=\"total\"") if total else ""
+    return ("<table class=\"rows\"><thead><tr>%s</tr></thead><tbody>%s%s</tbody></table>"
+            % (head, "".join(row(cells, "") for cells in rows), last))
+
+
+def optional_duration(seconds):
+    return "-" if seconds is None else format_duration(seconds)
+
+
+def html_failures(failures, failed):
+    """Failures grouped by exception: the count, the tasks (indices) and one traceback each."""
+    if not failures:
+        return card("Failures", "<p class=\"muted\">None.</p>")
+    groups = []
+    for group in failures:
+        shown = ", ".join(str(index) for index in group["tasks"])
+        more = group["count"] - len(group["tasks"])
+        anchor = hashlib.sha256(group["exception"].encode("utf-8", "replace")).hexdigest()[:10]
+        groups.append("<details id=\"f%s\"><summary><b>%d &times;</b> %s<br><small>task%s %s%s"
+                      "</small></summary><pre>%s</pre></details>"
+                      % (anchor, group["count"], esc(group["exception"]),
+                         "s" if group["count"] > 1 else "", shown,
+                         " and %d more" % more if more > 0 else "",
+                         esc(group["traceback"].rstrip())))
+    return card("Failures: %s <small>grouped by exception; open one for its traceback</small>"
+                % "{:,}".format(failed), "".join(groups))
+
+
+def html_slowest(slowest, in_flight):
+    """The tasks in flight longest (since they were sent), with their host."""
+    if not slowest:
+        return card("Running longest", "<p class=\"muted\">Nothing in flight.</p>")
+    rows = [[str(s["task"]), esc(s["host"]), format_duration(s["seconds"])] for s in slowest]
+    return card("Running longest <small>%d of %s tasks in flight</small>"
+                % (len(slowest), "{:,}".format(in_flight)),
+                html_table((("task", "text"), ("host", "text"), ("in flight for", "")), rows))
+
+
+# ------ Plots: inline SVG drawn on a 480 x 200 canvas that scales with the page -------------
+
+PLOT_WIDTH, PLOT_HEIGHT, PLOT_LEFT, PLOT_BOTTOM = 480, 200, 52, 24
+
+
+def plot_frame(x_labels, y_labels, description):
+    """The SVG opening, axes and labels; x_labels/y_labels: [(position 0-1, text)]."""
+    right, top = PLOT_WIDTH - 10, 10
+    bottom = PLOT_HEIGHT - PLOT_BOTTOM
+    parts = ["<svg viewBox=\"0 0 %d %d\" role=\"img\" aria-label=\"%s\"><title>%s</title>"
+             % (PLOT_WIDTH, PLOT_HEIGHT, esc(description), esc(description))]
+    for position, text in y_labels:
+        y = bottom - (bottom - top) * position
+        parts.append("<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#d8dee4\"/>"
+                     "<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%s</text>"
+                     % (PLOT_LEFT, right, y, y, PLOT_LEFT - 6, y + 4, esc(text)))
+    for position, text in x_labels:
+        x = PLOT_LEFT + (right - PLOT_LEFT) * position
+        anchor = "start" if position == 0 else "end" if position == 1 else "middle"
+        parts.append("<text x=\"%.1f\" y=\"%d\" text-anchor=\"%s\">%s</text>"
+                     % (x, PLOT_HEIGHT - 6, anchor, esc(text)))
+    return parts
+
+
+def format_count(count):
+    """A count short enough for a plot's axis: 950, 12k, 1.2M."""
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if count >= 10 * size:
+            return "%.0f%s" % (count / size, unit)
+        if count >= size:
+            return "%.1f%s" % (count / size, unit)
+    return "%g" % round(count, 1)
+
+
+def svg_timeline(state):
+    """Tasks finished (done and failed) against the time since the start, up to now."""
+    points = state["timeline"] + [[state["elapsed_seconds"], state["done"], state["failed"]]]
+    span, most = max(points[-1][0], 1.0), max(state["total"], 1)
+    right, top, bottom = PLOT_WIDTH - 10, 10, PLOT_HEIGHT - PLOT_BOTTOM
+    x = lambda t: PLOT_LEFT + (right - PLOT_LEFT) * t / span
+    y = lambda n: bottom - (bottom - top) * n / most
+    finished = " ".join("%.1f,%.1f" % (x(t), y(d + f)) for t, d, f in points)
+    failed = " ".join("%.1f,%.1f" % (x(t), y(f)) for t, d, f in points)
+    parts = plot_frame([(0, "0"), (0.5, format_duration(span / 2)), (1, format_duration(span))],
+                       [(0, "0"), (0.5, format_count(most / 2)), (1, format_count(most))],
+                       "tasks finished over time: %d of %d after %s"
+                       % (points[-1][1] + points[-1][2], state["total"], format_duration(span)))
+    parts.append("<polygon points=\"%.1f,%.1f %s %.1f,%.1f\" fill=\"#2e7d32\" "
+                 "fill-opacity=\".15\"/>" % (x(0), y(0), finished, x(points[-1][0]), y(0)))
+    line = "<polyline points=\"%s\" fill=\"none\" stroke=\"%s\" stroke-width=\"%s\"/>"
+    parts.append(line % (finished, "#2e7d32", 2))
+    if state["failed"]:
+        parts.append(line % (failed, "#c62828", 1.5))
+    parts.append("</svg><small>green: finished (done and failed)%s</small>"
+                 % ("; red: failed" if state["failed"] else ""))
+    return "".join(parts)
+
+
+def svg_histogram(times):
+    """Tasks per bin of time calc took (log scale), as bars; at most 40 bars."""
+    bins = times["bins"]
+    if not bins:
+        return "<p class=\"muted\">No task times.</p>"
+    merge = -(-len(bins) // 40)
+    bins = [[group[0][0], group[-1][1], sum(b[2] for b in group)]
+            for group in (bins[i:i + merge] for i in range(0, len(bins), merge))]
+    most = max(b[2] for b in bins)
+    right, top, bottom = PLOT_WIDTH - 10, 10, PLOT_HEIGHT - PLOT_BOTTOM
+    width = (right - PLOT_LEFT) / len(bins)
+    low, high = math.log10(bins[0][0]), math.log10(bins[-1][1])
+    decades = range(math.ceil(low), math.floor(high) + 1)
+    if len(decades) > 1:
+        x_labels = [((decade - low) / (high - low), format_duration(10 ** decade))
+                    for decade in decades]
+    else:
+        x_labels = [(0, format_duration(bins[0][0])), (1, format_duration(bins[-1][1]))]
+    parts = plot_frame(x_labels, [(0, "0"), (1, format_count(most))],
+                       "how long tasks took: %d tasks, mean %s, longest %s"
+                       % (times["count"], format_duration(times["mean"]),
+                          format_duration(times["max"])))
+    for position, (low, high, count) in enumerate(bins):
+        height = (bottom - top) * count / most
+        parts.append("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#1565c0\">"
+                     "<title>%s to %s: %d</title></rect>"
+                     % (PLOT_LEFT + position * width + 1, bottom - height, max(width - 2, 1),
+                        height, format_duration(low), format_duration(high), count))
+    parts.append("</svg><small>%s tasks; mean %s, longest %s (time in calc on the worker, "
+                 "log scale)</small>" % ("{:,}".format(times["count"]),
+                                         format_duration(times["mean"]),
+                                         format_duration(times["max"])))
+    return "".join(parts)
+
+
+# ------ The server and the report ---------------------------------------------------------
+
+TEXT = "text/plain; charset=utf-8"
+
+
+class DashboardHandler(http.server.BaseHTTPRequestHandler):
+    """GET / (the page) and GET /status.json; nothing else, nothing that changes the run.
+    On loopback it answers only requests addressed to loopback (no DNS rebinding)."""
+
+    server_version = "oden/" + VERSION
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        server = self.server
+        path = self.path.split("?")[0]
+        if server.loopback_only and not is_loopback_name(self.headers.get("Host", "")):
+            return self._send(403, TEXT, b"this page answers only to loopback names\n")
+        if path not in ("/", "/status.json"):
+            return self._send(404, TEXT, b"no such page: try / or /status.json\n")
+        try:
+            state = run_state(server.run)
+            if path == "/":
+                page = render_page(state, live=True)
+                return self._send(200, "text/html; charset=utf-8", page.encode())
+            return self._send(200, "application/json", json.dumps(state, default=str).encode())
+        except Exception:
+            log.exception("the dashboard failed on %s (a bug: please report it)", path)
+            return self._send(500, TEXT, b"the dashboard failed: see the manager's log\n")
+
+    def _send(self, code, content_type, body):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("dashboard: %s %s", self.client_address[0], fmt % args)
+
+
+def is_loopback(address):
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_name(host_header):
+    """True for a Host header naming loopback: localhost, 127.x.x.x or [::1], with a port or not."""
+    name = re.sub(r":\d*$", "", host_header.strip()).strip("[]").lower()
+    return is_loopback(name)
+
+
+class DashboardServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, DashboardHandler)
+
+
+class Dashboard:
+    """The manager's live page: a small HTTP server in a thread of its own, from the run's
+    start to its end.  `address`: (host, port), port 0 for a free one."""
+
+    def __init__(self, run, address):
+        host, port = address
+        try:
+            self.server = DashboardServer((host, port))
+        except OSError as e:
+            raise OdenError("cannot serve the dashboard on %s:%d (%s): pick another --dashboard "
+                            "HOST:PORT, or pass --no-dashboard" % (host, port, e.strerror or e))
+        self.server.run, self.server.loopback_only = run, is_loopback(host)
+        shown = (platform.node() if host in ("0.0.0.0", "::")
+                 else "[%s]" % host if ":" in host else host)
+        self.url = "http://%s:%d/" % (shown, self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, name="dashboard",
+                                       kwargs={"poll_interval": 0.1}, daemon=True)  # close(): 0.1 s
+        self.thread.start()
+        log.info("dashboard: %s (the run's live page; JSON at status.json)", self.url)
+        if not self.server.loopback_only:
+            log.warning("the dashboard listens on %s: whoever reaches that port sees the run's "
+                        "counts and tracebacks (read-only)", host)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def write_report(run):
+    """The run's page, frozen, as {name}_{stamp}.html beside its log; logs where it is."""
+    path = os.path.join(run.settings.folder, report_file_name(run.settings.name, run.stamp))
+    try:
+        write_atomically(path, render_page(run_state(run), live=False).encode("utf-8"))
+    except OSError as e:
+        log.warning("cannot write the report %s (%s)", path, e.strerror or e)
+        return None
+    log.info("report: %s", path)
+    return path
 
 
 # ====================================================================
@@ -3778,8 +4695,12 @@ def fetch_status(host, request_timeout, tls=None):
     finally:
         connection.close()
     if response.status != 200:
-        return {"error": "HTTP %d: not an oden worker?" % response.status}
-    return checked_status(data)
+        return {"error": "not an oden worker (HTTP %d for /status.json)" % response.status,
+                "answers": True}
+    state = checked_status(data)
+    if "error" in state:
+        state["answers"] = True          # something answers there, but no oden worker
+    return state
 
 
 STATUS_FIELDS = ("state", str), ("slots", int), ("slots_busy", int), ("done", int), ("failed", int)
@@ -3804,26 +4725,66 @@ def checked_status(data):
     return state
 
 
+def why_unusable(host, key, settings, tls, manifest):
+    """Why a worker that answers /status.json would not take this project's work, or None:
+    a signed /hello with our key, checked as the manager checks it (HostRunner.connect)."""
+    client = HostClient(host, Codec(key), settings.timeout, tls, keepalive=False)
+    try:
+        hello = client.connect(manifest)
+    except HostError as e:
+        reason = str(e)
+        if key is None and "HTTP 401" in reason:
+            return ("it has a key and we have none: put its oden.key next to %s (or set $%s)"
+                    % (os.path.basename(sys.argv[0]) or "oden.py", KEY_ENV))
+        if "without a key" in reason:
+            return "no key there: copy oden.key from this PC next to its oden.py and restart it"
+        if "signature" in reason or "not signed with our key" in reason:
+            return "wrong key: copy oden.key from this PC to it and restart it"
+        if "not an oden message" in reason:
+            return "not an oden worker (its /hello answer is not an oden message)"
+        return reason
+    finally:
+        client.close()
+    if hello.get("stale"):
+        if hello.get("name") != settings.name:
+            return ("another project's job (%s): start this project's worker there, on another "
+                    "--port" % printable(repr(hello.get("name")))[:80])
+        return ("different code (%d files differ: %s): run 'python3 %s push'"
+                % (len(hello["stale"]), peer_text(", ".join(map(str, hello["stale"][:5])), 80),
+                   os.path.basename(sys.argv[0]) or "oden.py"))
+    return None
+
+
 def run_status(job, settings):
-    ours = manifest_digest(code_manifest(job.files))
+    """The `status` command: every host's state, and whether it would take our work and why not."""
     tls = client_tls(settings.cafile)
     hosts = settings.host_list
     if tls:
         for host in hosts:
             host.scheme = "https"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(256, len(hosts))) as pool:
-        states = list(pool.map(lambda h: fetch_status(h, settings.timeout, tls), hosts))
-    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "code", "")]
-    for host, state in zip(hosts, states):
+    key, manifest = load_key(settings.key_file), code_manifest(job.files)
+
+    def probe(host):
+        state = fetch_status(host, settings.timeout, tls)
+        return state, state.get("error") or why_unusable(host, key, settings, tls, manifest)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        probes = list(pool.map(probe, hosts))
+    rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task",
+             "usable")]
+    for host, (state, problem) in zip(hosts, probes):
+        usable = "no: " + problem if problem else "yes"
         if "error" in state:
-            rows.append((host.label, "no", "", "", "", "", "", "", state["error"]))
-        else:
-            load, code = state.get("load"), printable(str(state.get("code")))[:16]
-            rows.append((host.label, "yes", state["state"], "%d/%d" % (state["slots_busy"], state["slots"]),
-                         str(state["done"]), str(state["failed"]), "%.2f" % load[0] if load else "-",
-                         "%s (%s)" % (code, "ours" if code == ours else "differs: run push"), ""))
+            reachable = "yes" if state.get("answers") else "no"
+            rows.append((host.label, reachable, "", "", "", "", "", "", usable))
+            continue
+        load, ages = state.get("load"), state.get("running_task_ages") or []
+        rows.append((host.label, "yes", state["state"],
+                     "%d/%d" % (state["slots_busy"], state["slots"]), str(state["done"]),
+                     str(state["failed"]), "%.2f" % load[0] if load else "-",
+                     format_duration(max(ages)) if ages else "-", usable))
     print(format_table(rows))
-    return 0 if all("error" not in s for s in states) else 1
+    return 0 if not any(problem for _, problem in probes) else 1
 
 
 def run_push(job, settings):
@@ -3864,41 +4825,71 @@ def format_table(rows):
 
 
 def run_results(settings):
+    """The `results` command: list, count or export the outcomes of run `name` (by default the
+    latest of each task; --all every one, --run STAMP one run's), in task order."""
     name, folder = settings.name, settings.folder
-    bad = []
-    on_bad = lambda path, why: bad.append((path, why))
-    done = list(run_records(folder, name, on_bad=on_bad))
-    errors = list(run_records(folder, name, errors=True, on_bad=on_bad))
-    for path, why in bad:
-        print("skipped unreadable %s: %s" % (path, why), file=sys.stderr)
-    if not done and not errors:
-        print("no result files of run %r in %s: check --name and --folder"
-              % (name, os.path.abspath(folder)), file=sys.stderr)
+    run = "all" if settings.all else settings.run
+    tell = lambda path, why: print(skipped_text(path, why), file=sys.stderr)
+    everything = all_records(folder, name, tell)
+    records = choose_records(everything, run)
+    standing = {id(record) for record in latest_outcomes(everything)}
+    if not records:
+        print("no result files of run %r%s in %s: check --name and --folder%s"
+              % (name, " with stamp %s" % run if run not in (None, "all") else "",
+                 os.path.abspath(folder), "; its runs: " + ", ".join(run_stamps(everything))
+                 if everything else ""), file=sys.stderr)
+    with contextlib.suppress(AttributeError, ValueError):    # any text, whatever the locale
+        sys.stdout.reconfigure(encoding="utf-8" if settings.format else None,
+                               errors="backslashreplace")
     if settings.summary:
-        print(results_summary(name, done, errors))
+        print(results_summary(name, records, everything, standing, run))
         return 0
-    if not (settings.errors or settings.summary):
-        errors = []
-    records = sorted([r for _, r in done] + [r for _, r in errors], key=lambda r: r["index"])
+    if not settings.errors:
+        records = [record for record in records if "result" in record]
     if settings.format == "json":
-        json.dump([plain_record(r) for r in records], sys.stdout, indent=1, default=repr)
+        json.dump([plain_record(r, id(r) not in standing) for r in records], sys.stdout, indent=1,
+                  default=repr, ensure_ascii=False)
         print()
     elif settings.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["index", "status", "task", "result", "host", "seconds"])
+        columns = ["index", "status", "task", "result", "exception", "host", "seconds", "run",
+                   "superseded"]
+        writer.writerow(columns)
         for r in records:
-            writer.writerow([r["index"], "done" if "result" in r else "error", repr(r["task"]),
-                             repr(r["result"]) if "result" in r else r.get("exception"), r["host"], task_seconds(r)])
+            plain = plain_record(r, id(r) not in standing)
+            writer.writerow([text_cell(plain[column]) for column in columns])
     else:
         for r in records:
-            print("%r -> %s" % (r["task"], repr(r["result"]) if "result" in r else "ERROR " + r.get("exception", "")))
+            outcome = (cut(repr(r["result"]), settings.full) if "result" in r
+                       else "ERROR " + r.get("exception", ""))
+            marks = "  (superseded by a later run)" if id(r) not in standing else ""
+            print("%s%s -> %s%s" % (r["run"] + "  " if run == "all" else "",
+                                    cut(repr(r["task"]), settings.full), outcome, marks))
     return 0
 
 
-def plain_record(record):
+def cut(text, full=False):
+    """`text`, or its first RESULT_CUT characters and how many more there are."""
+    if full or len(text) <= RESULT_CUT:
+        return text
+    return "%s... (%d more characters; --full shows all)" % (text[:RESULT_CUT],
+                                                              len(text) - RESULT_CUT)
+
+
+def plain_record(record, superseded=False):
+    """A record as `results --json` and `--csv` show it: no traceback, no output."""
     return {"index": record["index"], "status": "done" if "result" in record else "error", "task": record["task"],
             "result": record.get("result"), "exception": record.get("exception"), "host": record["host"],
-            "seconds": task_seconds(record)}
+            "seconds": task_seconds(record), "run": record["run"], "superseded": superseded}
+
+
+def text_cell(value):
+    """A CSV cell: text as it is, numbers in digits, nothing for None, anything else as its repr."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return repr(value)
 
 
 def task_seconds(record):
@@ -3907,14 +4898,38 @@ def task_seconds(record):
     return None
 
 
-def results_summary(name, done, errors):
+def run_stamps(records):
+    """The stamps of the runs `records` come from, oldest first."""
+    return sorted({record["run"] for record in records}, key=stamp_order)
+
+
+def results_summary(name, records, everything, standing, run):
+    """The counts of `records`, failures grouped by exception with one traceback and their tasks
+    each, and every run of `name` with its counts (of `everything`; `standing`: ids of the
+    records that are their task's latest outcome)."""
+    errors = [record for record in records if "result" not in record]
+    what = {None: "the latest outcome of each task", "all": "every outcome of every run"}.get(
+        run, "run %s" % run)
+    lines = ["run %r: %d done, %d errors (%s)" % (name, len(records) - len(errors), len(errors),
+                                                   what)]
+    for stamp in run_stamps(everything):
+        mine = [record for record in everything if record["run"] == stamp]
+        failed = sum(1 for record in mine if "result" not in record)
+        superseded = sum(1 for record in mine if id(record) not in standing)
+        lines.append("  run %s: %d done, %d errors%s" % (stamp, len(mine) - failed, failed,
+                                                        ", %d superseded by later runs" % superseded
+                                                        if superseded else ""))
     groups = collections.OrderedDict()
-    for _, record in errors:
+    for record in errors:
         groups.setdefault(record.get("exception", "?"), []).append(record)
-    lines = ["run %r: %d done, %d errors" % (name, len(done), len(errors))]
-    for exception, records in sorted(groups.items(), key=lambda item: -len(item[1])):
-        lines.append("\n%d x %s\n  e.g. task %r:\n%s" % (len(records), exception, records[0]["task"],
-                                                           "    " + records[0]["error"].rstrip().replace("\n", "\n    ")))
+    for exception, group in sorted(groups.items(), key=lambda item: -len(item[1])):
+        indices = [record["index"] for record in group]
+        lines.append("\n%d x %s\n  e.g. task %s:\n%s\n  tasks %s%s"
+                     % (len(group), exception, cut(repr(group[0]["task"])),
+                        "    " + group[0]["error"].rstrip().replace("\n", "\n    "),
+                        ", ".join(str(i) for i in indices[:PAGE_ROWS]),
+                        " and %d more" % (len(indices) - PAGE_ROWS)
+                        if len(indices) > PAGE_ROWS else ""))
     return "\n".join(lines)
 
 
@@ -4010,6 +5025,11 @@ def build_parser(job):
         p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
         p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
                        "this name runs in this folder (both write files of the run)")
+        p.add_argument("--dashboard", type=dashboard_address, default=(DASHBOARD_BIND, 0),
+                       metavar="HOST:PORT", help="where the run's live page listens (default: %s, "
+                       "a free port)" % DASHBOARD_BIND)
+        p.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None,
+                       help="no live page (the report is written all the same)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
         p.add_argument("-v", "--verbose", action="count", default=0, help="log every task")
 
@@ -4055,8 +5075,11 @@ def build_parser(job):
     manager_options(p)
     common(p)
     command("test", "run calc on every task here, in this process, and print each outcome")
-    p = command("status", "show the state of every host")
+    p = command("status", "show the state of every host, and why one would not take this "
+                          "project's work")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
+    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)"
+                   % (KEY_FILE, KEY_ENV))
     p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
     p = command("push", "bring every host's code to this project's, without running anything")
@@ -4065,9 +5088,17 @@ def build_parser(job):
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
     p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
     p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push in bytes (default %(default)s)")
-    p = command("results", "print the saved results of a run")
+    p = command("results", "print the saved results of a run: the latest outcome of each task, in "
+                           "task order")
     p.add_argument("--errors", action="store_true", help="include errors")
-    p.add_argument("--summary", action="store_true", help="counts, and failures grouped by exception")
+    p.add_argument("--summary", action="store_true", help="counts, failures grouped by exception, "
+                   "and the runs")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true",
+                       help="every outcome of every run, not only the latest")
+    which.add_argument("--run", type=run_stamp, metavar="STAMP",
+                       help="the outcomes of one run (the stamp in its files: 20240101-120000)")
+    p.add_argument("--full", action="store_true", help="show long tasks and results in full")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
     group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV table")
@@ -4090,6 +5121,20 @@ def argument_type(convert, allowed, kind, bounds):
     return parse
 
 
+def dashboard_address(text):
+    """--dashboard: 'HOST:PORT', 'HOST' (a free port), ':PORT' or 'PORT' (loopback), '[IPv6]:N'."""
+    if text.isdigit() or text.startswith(":"):
+        text = DASHBOARD_BIND + ":" + text.lstrip(":")
+    match = HOST_LINE.match(text)
+    port = int(match.group("port") or 0) if match else -1
+    if not 0 <= port < 65536:
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT (port 0-65535; 0 or none: a free one)"
+                                         % text)
+    return match.group("v6") or match.group("name"), port
+
+
+run_stamp = argument_type(str, lambda v: re.match(STAMP + "$", v), "a stamp",
+                          "must be a run's stamp such as 20240101-120000 (in its file names)")
 positive_int = argument_type(int, lambda v: v >= 1, "a whole number", "must be 1 or more")
 positive_float = argument_type(float, lambda v: v > 0, "a number", "must be more than 0")
 port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "port must be 0-65535")

@@ -5,6 +5,7 @@
     python3 bench/run.py --quick         # smaller counts, about 30 s
     python3 bench/run.py --cases 0,2     # some cases only
     python3 bench/run.py --json out.json # where the figures go (default bench/results.json)
+    python3 bench/run.py --poll-dashboard   # a client reads the manager's live page every second
 
 Workers and managers are real processes started from bench/job.py (the library
 way), talking over loopback with a key; see bench/README.md for each case.
@@ -27,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -40,6 +43,7 @@ import job as bench_job  # noqa: E402
 
 NAME = "bench"
 CORES = os.cpu_count() or 1
+POLL_DASHBOARD = False                  # --poll-dashboard: fetch / and /status.json every second during runs
 TARGETS = {
     "0": "<= 1 ms median",
     "1u": ">= 3,000 tasks/s",
@@ -125,12 +129,21 @@ def run_manager(env, hosts_path, folder, extra=(), timeout=600, mode="manager"):
     log), peak RSS, files."""
     command = [sys.executable, JOB, mode, "--hosts", hosts_path, "--folder", folder, "--yes", "-q",
                "--name", NAME] + list(extra)
+    poller = DashboardPoller() if POLL_DASHBOARD else None
+    if poller:
+        command += ["--dashboard", "127.0.0.1:%d" % poller.port]
     stderr_path = os.path.join(folder, "manager.stderr")
     with open(stderr_path, "wb") as stderr:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-        status, usage = wait_with_usage(process, timeout)
+        if poller:
+            poller.start()
+        try:
+            status, usage = wait_with_usage(process, timeout)
+        finally:
+            if poller:
+                poller.stop()
         wall = time.perf_counter() - started
     if status != 0:
         with open(stderr_path, errors="replace") as f:
@@ -138,8 +151,38 @@ def run_manager(env, hosts_path, folder, extra=(), timeout=600, mode="manager"):
     run_s = run_seconds_from_log(folder)
     if run_s is None:
         raise RuntimeError("no start and end lines in the manager's log in %s" % folder)
-    return {"wall_s": wall, "run_s": max(run_s, 0.001), "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+    figures = {"wall_s": wall, "run_s": max(run_s, 0.001), "peak_rss_mb": usage.ru_maxrss / 1024.0,
+               "cpu_s": usage.ru_utime + usage.ru_stime}
+    if poller:
+        figures["dashboard_pages"] = poller.pages
+    return figures
+
+
+class DashboardPoller(threading.Thread):
+    """A reader of the manager's live page: GET / and /status.json once a second until stop()."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.stopped = threading.Event()
+        self.pages = 0
+
+    def run(self):
+        while not self.stopped.wait(1.0):
+            for path in ("/", "/status.json"):
+                try:
+                    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (self.port, path), timeout=5) as r:
+                        r.read()
+                    self.pages += 1
+                except OSError:
+                    pass                  # not listening yet, or the run has ended
+
+    def stop(self):
+        self.stopped.set()
+        self.join(10)
 
 
 def wait_with_usage(process, timeout):
@@ -645,6 +688,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="smaller counts (about 30 s)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where to write the figures")
     parser.add_argument("--cases", default="0,1,2,3,4,5,6,7", help="comma-separated cases to run (default all)")
+    parser.add_argument("--poll-dashboard", action="store_true", help="read each manager's live page "
+                        "(/ and /status.json) every second while it runs")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.million = 100000 if args.quick else 1000000
@@ -660,6 +705,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    global POLL_DASHBOARD
+    POLL_DASHBOARD = args.poll_dashboard
     functions = {"0": case0, "1": case1, "2": case2, "3": case3, "4": case4, "5": case5, "6": case6,
                  "7": case7}
     unknown = [c for c in args.cases if c not in functions]
@@ -669,7 +716,7 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="oden-bench-")
     report = {"machine": {"cores": CORES, "python": platform.python_version(), "platform": platform.platform(),
                           "load_before": os.getloadavg()},
-              "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": {}}
+              "quick": args.quick, "poll_dashboard": args.poll_dashboard, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": {}}
     started = time.monotonic()
     try:
         for case in args.cases:

@@ -385,3 +385,61 @@ def start_worker_with_open_files(project, limit, *args):
         return project.start_worker(*args)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def set_terminal_size(fd, rows, columns):
+    """Give the pseudo-terminal `fd` a size (TIOCSWINSZ), as a terminal window would."""
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def run_on_terminal(project, *args, columns=None, timeout=120):
+    """Run a command of the project's script with stdout and stderr on a pseudo-terminal
+    `columns` wide (None: the 0 x 0 a new one has); return (exit code, output text)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    try:
+        if columns is not None:
+            set_terminal_size(slave, 24, columns)
+        process = subprocess.Popen([sys.executable, project.script] + list(args), cwd=project.folder,
+                                   env=project.env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                   start_new_session=True)
+    finally:
+        os.close(slave)
+    project.processes.append(process)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:              # EIO: the last writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            elif process.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    return process.wait(30), b"".join(chunks).decode("utf-8", "replace")
+
+
+def wait_for_text(path, pattern, seconds=60, process=None):
+    """Wait until the file at `path` holds a match of the regex `pattern`; return the match.
+    Fails at once if `process` ends first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            match = re.search(pattern, f.read())
+        if match:
+            return match
+        if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                raise AssertionError("no %r in %s:\n%s" % (pattern, path, f.read()[-3000:]))
+        time.sleep(0.05)

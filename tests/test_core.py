@@ -93,7 +93,8 @@ class CoreWorkflowTest(support.OdenTestCase):
         for path in done:
             with open(path, "rb") as f:
                 record = pickle.load(f)
-            self.assertEqual(set(record), {"name", "index", "task", "host", "started", "ended", "output", "result"})
+            self.assertEqual(set(record), {"name", "index", "task", "host", "started", "ended", "output", "result",
+                                           "run", "script"})
             self.assertEqual(record["name"], "t")
             self.assertEqual(record["task"], record["index"])
             self.assertEqual(record["result"], record["task"] ** 2 + 1)
@@ -567,7 +568,7 @@ class CoreWorkflowTest(support.OdenTestCase):
         self.assertEqual(len(live_line), 1, completed.output)
         self.assertEqual(len(dead_line), 1, completed.output)
         self.assertRegex(live_line[0], r"yes +idle +0/2")
-        self.assertRegex(dead_line[0], r"^%s +no +connection refused" % re.escape(dead))
+        self.assertRegex(dead_line[0], r"^%s +no +no: connection refused" % re.escape(dead))
 
     # 14 -----------------------------------------------------------------
     def test_a_full_worker_answers_submit_with_a_busy_list(self):

@@ -69,6 +69,7 @@ def run_on_terminal(project, *args, timeout=120):
     """Run a command with stdout and stderr on a pseudo-terminal; return (exit code, output text)."""
     master, slave = pty.openpty()
     try:
+        support.set_terminal_size(slave, 24, 200)    # wide enough for the progress line in full
         process = subprocess.Popen([sys.executable, project.script] + list(args), cwd=project.folder,
                                    env=project.env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
                                    start_new_session=True)
