@@ -13,7 +13,7 @@ How the parts fit::
       one thread per host (HostRunner):              POST /submit  queue batches, then
         keeps slots + prefetch batches in flight ->  POST /poll    long poll: answers
         long-polls for whichever results are ready <-              as soon as a batch ends
-      ResultStore: one atomic .pickle per task       slot 1..N: calc(task) in a child
+      Run: claims each outcome, one atomic .pickle   slot 1..N: calc(task) in a child
       progress line, log file, resume                  process (or a thread: --threads)
       Dashboard: live page on 127.0.0.1 (GET / ,     GET / , /status , /status.json
         /status.json); frozen as the run's report
@@ -23,6 +23,37 @@ How the parts fit::
 * WorkerState : the worker's queue of batches, its slots and the finished results.
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
 * Dashboard   : the manager's read-only live page of the run; frozen, it is the run's report.
+
+The life of a task.  A task keeps one identity through all its shapes: its index, its
+position in the list make_tasks() returned.
+
+ 1. make_tasks() returns the list; for `resume`, ContentIndex drops the indices that have a
+    saved success (matched by ==).  Tasks keeps the manager's one copy of each (a small one
+    pickled, a big one as itself) and the TaskBoard queues the indices to run (`pending`).
+ 2. A HostRunner takes a chunk of indices as a batch (batch id -> [indices], `in_flight`),
+    as many as its worker's slots and prefetch want and its --max-body allows.
+ 3. Its request carries [(batch id, [(index, pickled task)], time limit)]; Codec signs it
+    (encode() puts big tasks in frames of their own) and the worker's /submit queues the
+    batch in the RunState of that manager run.
+ 4. A slot takes the batch; its child process (slot_process_main) runs calc on each task and
+    sends back one wire record per task: {"index", "ok", "result" (pickled) or "error" and
+    "exception", "started", "ended", "output"}.
+ 5. The finished batch waits in its RunState until a long poll (/poll, or /submit with a
+    wait) returns it; the runner's next request acks it and the worker forgets it.
+ 6. The runner checks the records against the batch (_answered), the Run claims each index on
+    the board (the first outcome wins, a duplicate is dropped) and writes the file record,
+    the dict of README.md "Result files", as {name}{host}_{stamp}_{index}.done.pickle or
+    .error.pickle (fsynced, renamed into place).
+ 7. Whatever fails in between sends the index back to the board: free when it only waited in
+    a worker's queue, else as an attempt, and as a death when its worker died while it ran;
+    past --max-attempts or --max-deaths it is written as an error record.  The run ends when
+    every index has a file (or on a stop, with the command that finishes it).
+
+Locks.  The manager: TaskBoard.changed guards the board (queue, copies, attempts, hunger);
+Run.lock its counts; Fleet.lock which hosts are up or refuse; each HostRunner and HostClient
+belongs to its host's thread alone.  The worker: WorkerState.lock guards its runs, their
+batches and the counts; a slot's thread owns its Slot.  Codec._lock guards a session's counter
+and the replay guard.  Each class says where it reads without a lock, and why.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
 receive.  Every POST is signed with HMAC-SHA256 under a shared key
@@ -1233,8 +1264,9 @@ class WorkerState:
         if self.runs.get(run.id) is not run:
             return
         del self.runs[run.id]
-        log.info("manager run %s %s: dropping %d queued, %d running and %d unacked batches",
-                 run.id, why, len(run.queued), len(run.running), len(run.finished))
+        if run.queued or run.running:    # else it only leaves its last answer's ack unsent
+            log.info("manager run %s %s: dropping %d queued and %d running batches",
+                     run.id, why, len(run.queued), len(run.running))
         for batch in run.running.values():
             batch.cancelled = True
         run.queued.clear()
@@ -2020,8 +2052,9 @@ HOST_LINE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+
 
 
 def parse_hosts(text, source):
-    """Hosts from text with one per line; `source` names the file in errors."""
-    found = []
+    """Hosts from text with one per line; `source` names the file in errors.  A host listed
+    twice is used once, with a warning naming both lines."""
+    found, lines = [], {}                # lines: host label -> the line it was first on
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -2032,11 +2065,12 @@ def parse_hosts(text, source):
             raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
                             % (source, number, raw.strip()[:80]))
         host = Host(len(found) + 1, match.group("v6") or match.group("name"), port)
-        twin = next((h for h in found if h.label.lower() == host.label.lower()), None)
+        twin = lines.get(host.label.lower())
         if twin is not None:             # two threads on one worker would take its work from each other
-            log.warning("%s line %d: %s is listed already (as host %d): using it once",
-                        source, number, host.label, twin.number)
+            log.warning("%s line %d: %s is listed already on line %d: using it once",
+                        source, number, host.label, twin)
             continue
+        lines[host.label.lower()] = number
         found.append(host)
     return found
 
@@ -2555,14 +2589,19 @@ class Fleet:
 RESTART_WAIT = 60                    # seconds a pushed worker may take to restart and answer again
 
 
-def push_code(client, host, manifest, hello, run_id, max_push):
+def push_code(client, host, manifest, hello, run_id, max_push, name):
     """Bring a worker whose `hello` lists stale files to our code: push them, wait for it to
     restart in place and return its new hello.  HostError(REFUSED) with the reason and the fix
-    when it cannot be done (no key, --no-push, another script, too large, a failed write);
+    when it cannot be done (another project's worker, no key, --no-push, another script, too
+    large, a failed write);
     HostError(TIMEOUT) when it is busy with another run's tasks (asked again later)."""
     stale, ours = hello["stale"], os.path.basename(sys.argv[0])
     what = "worker %d runs other code (%d files differ: %s)" % (
         host.number, len(stale), printable(", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")))
+    if hello.get("name") != name:        # its files are another project's: never overwrite them
+        raise HostError("worker %d runs another project's job (%s, not %r): start this project's "
+                        "worker there, on another --port" % (host.number, peer_text(
+                            repr(hello.get("name")), 80), name), REFUSED)
     if client.codec.key is None:
         raise HostError(what + ": copy the project there yourself (pushes need a key: run "
                         "without --insecure)", REFUSED)
@@ -2700,7 +2739,7 @@ class HostRunner:
         self._judge_suspects(died=hello["boot"] != self.last_boot)
         if hello.get("stale"):
             hello = push_code(self.client, self.host, self.run.manifest, hello, self.run.id,
-                              self.run.settings.max_push)
+                              self.run.settings.max_push, self.run.settings.name)
         self.last_boot, self.up = hello["boot"], True
         self.slots, self.max_body = int(hello["slots"]), int(hello.get("max_body", MAX_BODY))
         self.run.board.add_slots(self.slots)
@@ -3020,15 +3059,14 @@ def claim_stamp(folder, name):
     raise OdenError("no free stamp for run %r in %s: clean up its log files" % (name, folder))
 
 
-def write_atomically(path, record):
-    """Pickle `record` into a temporary file in the same folder, flush, fsync, rename: a crash
-    leaves the old state or the new.  Pickled straight into the file, so a big result is not
-    copied into memory first.  Raises OSError (disk, permissions) or what pickling raises;
-    either way no file is left."""
+def write_atomically(path, fill):
+    """fill(file) writes a temporary file in the same folder; then flush, fsync, rename: a
+    crash leaves the old state or the new.  Raises OSError (disk, permissions) or what fill
+    raises; either way no file is left."""
     temp = "%s%s%s" % (path, TEMP_MARK, secrets.token_hex(4))
     try:
         with open(temp, "wb") as f:
-            pickle.dump(record, f, PICKLE_PROTOCOL)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
@@ -3352,9 +3390,23 @@ def safe_equal(a, b):
 
 
 def tasks_to_run(tasks, folder, name, on_bad=None):
-    """Indices of `tasks` without a saved success of run `name` (matched as a multiset)."""
-    done = ContentIndex(record["task"] for _, record in run_records(folder, name, on_bad=on_bad))
+    """Indices of `tasks` without a saved success of run `name` (matched as a multiset) in its
+    current stretch (see current_records): what `resume` runs."""
+    successes = current_records([record for _, record in run_records(folder, name, on_bad=on_bad)])
+    done = ContentIndex(record["task"] for record in successes)
     return [index for index, task in enumerate(tasks) if not done.take(task)]
+
+
+def current_records(records):
+    """The records of the newest run of a name that started over (`manager`, or `local`
+    without --resume: their records say "fresh") and of the resumes after it.  A new run
+    starts over: `resume` finishes it and `results` shows it, whatever older runs found.
+    Records of oden 1.0 (no "fresh") count as one stretch, as they did then."""
+    starts = [stamp_order(record["run"]) for record in records if record.get("fresh")]
+    if not starts:
+        return records
+    first = max(starts)
+    return [record for record in records if stamp_order(record["run"]) >= first]
 
 
 def stamp_order(stamp):
@@ -3397,7 +3449,7 @@ def choose_records(records, run=None):
     """`records` in task order: by default the latest outcome of each task (latest_outcomes);
     run="all": every one, oldest run first; run=STAMP: those of that run only."""
     if run is None:
-        records = latest_outcomes(records)
+        records = latest_outcomes(current_records(records))
     elif run != "all":
         records = [record for record in records if record["run"] == run]
     return sorted(records, key=lambda record: (record["index"], outcome_order(record)))
@@ -3429,11 +3481,12 @@ def load_results(name=None, folder=".", errors=False, run=None):
 class Run:
     """Everything one manager run shares between its host threads."""
 
-    def __init__(self, job, settings, tasks, indices, hosts, key, tls, stamp, resume_hint):
+    def __init__(self, job, settings, tasks, indices, hosts, key, tls, stamp, resume_hint, fresh):
         self.job, self.settings, self.hosts, self.tls = job, settings, hosts, tls
         self.id = secrets.token_hex(6)
         self.stamp = stamp               # from claim_stamp(): in every file name of this run
         self.resume_hint = resume_hint   # the shell command that finishes this run
+        self.fresh = fresh               # a new run starts over; a resume goes on with one
         self.key = key                   # each HostClient signs with a Codec (a session) of its own
         self.manifest = code_manifest(job.files)   # {relative path: sha256}: see "The code of a run"
         self.code = manifest_digest(self.manifest)
@@ -3540,7 +3593,8 @@ class Run:
         index = record["index"]
         contents = {"name": self.settings.name, "index": index, "task": self.tasks.task(index),
                     "host": host.label, "started": record.get("started"), "ended": record.get("ended"),
-                    "output": record.get("output", ""), "run": self.stamp, "script": self.script}
+                    "output": record.get("output", ""), "run": self.stamp, "script": self.script,
+                    "fresh": self.fresh}
         if not record["ok"]:
             contents.update(error=record["error"], exception=record["exception"])
             return contents
@@ -3552,7 +3606,8 @@ class Run:
 
     def _write(self, host, index, suffix, record):
         name = result_file_name(self.settings.name, host.number, self.stamp, index, suffix)
-        write_atomically(os.path.join(self.settings.folder, name), record)
+        write_atomically(os.path.join(self.settings.folder, name),      # pickled straight to disk:
+                         lambda f: pickle.dump(record, f, PICKLE_PROTOCOL))   # a big result is not copied
 
     def _count(self, host, contents):
         ok = "result" in contents
@@ -3894,7 +3949,7 @@ def run_manager(job, settings, resume, argv, stamp=None):
     if tls:
         for host in hosts:
             host.scheme = "https"
-    run = Run(job, settings, Tasks(tasks), indices, hosts, key, tls, stamp, hint)
+    run = Run(job, settings, Tasks(tasks), indices, hosts, key, tls, stamp, hint, not resume)
     log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
     return drive(run)
 
@@ -4005,7 +4060,8 @@ def resume_command(argv):
             words[position] = "resume"
         elif words[position] == "local" and "--resume" not in words:
             words.insert(position + 1, "--resume")
-    return " ".join(shlex.quote(word) for word in ["python3", script] + words)
+    python = os.path.basename(sys.executable or "") or "python3"       # python3.8, say, if so run
+    return " ".join(shlex.quote(word) for word in [python, script] + words)
 
 
 def load_or_create_key(key_file):
@@ -4574,7 +4630,8 @@ def write_report(run):
     """The run's page, frozen, as {name}_{stamp}.html beside its log; logs where it is."""
     path = os.path.join(run.settings.folder, report_file_name(run.settings.name, run.stamp))
     try:
-        write_atomically(path, render_page(run_state(run), live=False).encode("utf-8"))
+        page = render_page(run_state(run), live=False).encode("utf-8")
+        write_atomically(path, lambda f: f.write(page))
     except OSError as e:
         log.warning("cannot write the report %s (%s)", path, e.strerror or e)
         return None
@@ -4749,9 +4806,11 @@ def why_unusable(host, key, settings, tls, manifest):
         if hello.get("name") != settings.name:
             return ("another project's job (%s): start this project's worker there, on another "
                     "--port" % printable(repr(hello.get("name")))[:80])
-        return ("different code (%d files differ: %s): run 'python3 %s push'"
-                % (len(hello["stale"]), peer_text(", ".join(map(str, hello["stale"][:5])), 80),
-                   os.path.basename(sys.argv[0]) or "oden.py"))
+        differ = "different code (%d files differ: %s)" % (
+            len(hello["stale"]), peer_text(", ".join(map(str, hello["stale"][:5])), 80))
+        if hello.get("refuses_push"):
+            return differ + " and it takes no pushes: copy the project there yourself"
+        return differ + ": run 'python3 %s push'" % (os.path.basename(sys.argv[0]) or "oden.py")
     return None
 
 
@@ -4806,7 +4865,8 @@ def run_push(job, settings):
             hello = client.connect(manifest)
             if not hello.get("stale"):
                 return "up to date"
-            push_code(client, host, manifest, hello, "push-" + secrets.token_hex(4), settings.max_push)
+            push_code(client, host, manifest, hello, "push-" + secrets.token_hex(4), settings.max_push,
+                      settings.name)
             return "pushed %d files" % len(hello["stale"])
         except HostError as e:
             return "FAILED: %s" % e
@@ -5182,11 +5242,21 @@ def main(argv=None, **user_settings):
     return code
 
 
+def checked_name(name):
+    """A run's name is the start of its file names: OdenError unless it is one."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or len(name) > 100
+            or any(c in name for c in "/\\\0") or not name.isprintable()):
+        raise OdenError("the run's name %s cannot start file names: use letters, digits, '-', "
+                        "'_' or '.', not starting with '.' (--name or the 'name' setting)"
+                        % peer_text(repr(name), 60))
+    return name
+
+
 def run_command(argv, user_settings):
     try:
         job = Job(**user_settings)
         settings = build_parser(job).parse_args(argv)
-        settings.name = getattr(settings, "name", job.name)
+        settings.name = checked_name(getattr(settings, "name", job.name))
         return dispatch(job, settings, argv)
     except OdenError as e:
         print("oden: error: %s" % e, file=sys.stderr)

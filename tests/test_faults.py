@@ -258,7 +258,7 @@ class FaultTest(support.OdenTestCase):
         left = 30 - count_done(project)
         self.assertGreater(left, 0)
         self.assertRegex(output, r"every host has been down for over 2 s: stopping with %d tasks left; "
-                                 r"run 'python3 \S*job.py resume --give-up-after 2 [^']*' to finish them"
+                                 r"run 'python3[.0-9]* \S*job.py resume --give-up-after 2 [^']*' to finish them"
                          % left)
 
     def test_hosts_down_at_start_join_when_started_later(self):
@@ -517,7 +517,7 @@ class FaultTest(support.OdenTestCase):
         self.assertEqual(saved + int(match.group(2)), 16)
         self.assertGreater(int(match.group(2)), 0)
         self.assertIn("summary:", output)
-        self.assertRegex(output, r"%s tasks left; run 'python3 \S*job.py resume --interval-polling 0.2 "
+        self.assertRegex(output, r"%s tasks left; run 'python3[.0-9]* \S*job.py resume --interval-polling 0.2 "
                                  r"--timeout 2' to finish them" % match.group(2))
         time.sleep(0.5)
         self.assertEqual(count_done(project), saved, "results were written after the manager exited")
@@ -542,7 +542,7 @@ class FaultTest(support.OdenTestCase):
         code, output = manager.finish(self, 30)
         self.assertEqual(code, 130, output[-4000:])
         self.assertEqual(project.files("t*.error.pickle"), [], output[-4000:])
-        self.assertRegex(output, r"run 'python3 \S*job.py local --resume [^']*' to finish them")
+        self.assertRegex(output, r"run 'python3[.0-9]* \S*job.py local --resume [^']*' to finish them")
         self.assertRan(project.run("local", "--resume", "--workers", "2", "--slots", "1", "--interval-polling", "0.2"))
         self.assertEveryTaskOnce(project, 12, lambda x: x)
 

@@ -110,6 +110,22 @@ class PushTest(support.OdenTestCase):
         self.assertEqual(read(machine.path("helper.py")), OLD_HELPER)
         self.assertFalse(os.path.exists(machine.path(".oden-previous")))
 
+    def test_another_projects_worker_is_never_pushed_to(self):
+        pc = self.project(library_code=JOB)
+        with open(pc.path("helper.py"), "w") as f:
+            f.write(NEW_HELPER)
+        theirs = support.Project(self, library_code=JOB, name="theirs")        # same key, other job
+        theirs.env["ODEN_KEY"] = pc.env["ODEN_KEY"]
+        with open(theirs.path("helper.py"), "w") as f:
+            f.write(OLD_HELPER)
+        worker = theirs.start_worker("--slots", "1")
+        pc.write_hosts([worker])
+        completed = pc.run("manager", *FAST)
+        self.assertRan(completed, 2)
+        self.assertIn("worker 1 runs another project's job ('theirs', not 't')", completed.output)
+        self.assertEqual(read(theirs.path("helper.py")), OLD_HELPER)
+        self.assertFalse(os.path.exists(theirs.path(".oden-previous")))
+
     def test_a_push_with_a_path_out_of_the_folder_is_refused(self):
         pc, [(machine, worker)] = self.machines(1)
         outside = os.path.join(os.path.dirname(machine.folder), "oden-outside-%d.txt" % os.getpid())

@@ -72,7 +72,7 @@ class IdentityTest(support.OdenTestCase):
         project.write_hosts([worker, worker])
         completed = project.run("manager", *FAST)
         self.assertRan(completed)
-        self.assertIn("line 2: %s is listed already (as host 1): using it once" % worker.address,
+        self.assertIn("line 2: %s is listed already on line 1: using it once" % worker.address,
                       completed.output)
         self.assertNotIn("lost them", completed.output)
         table = completed.output.split("summary:")[1]
@@ -131,7 +131,7 @@ class IdentityTest(support.OdenTestCase):
                 self.assertIn(" resume ", hint)
                 self.assertNotIn("--yes", hint)
         words = shlex.split(hint)
-        self.assertEqual(words[:2], ["python3", project.script])
+        self.assertEqual(words[:2], [os.path.basename(sys.executable), project.script])
         finished = subprocess.run([sys.executable] + words[1:], cwd=project.folder, env=project.env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
         self.assertEqual(finished.returncode, 0, finished.stdout.decode()[-3000:])
@@ -390,3 +390,29 @@ class SpawnTest(support.OdenTestCase):
         self.assertEqual(sorted(errors), [2, 4])
         self.assertIn("exit code 7", errors[2])
         self.assertIn("timed out after 2", errors[4])
+
+
+class StartOverTest(support.OdenTestCase):
+    def test_resume_after_a_new_run_finishes_that_run_not_an_older_one(self):
+        project = self.project(library_code="""
+            def make_tasks():
+                return list(range(4))
+            def calc(x):
+                if os.path.exists("broken-%d" % x):     # the worker's folder: the test's switch
+                    raise ValueError("task %d is broken now" % x)
+                return x
+        """)
+        worker = project.start_worker("--slots", "1", "--threads")
+        project.write_hosts([worker])
+        self.assertRan(project.run("manager", *FAST))                   # every task fine
+        open(project.path("broken-2"), "w").close()
+        new = project.run("manager", "--yes", *FAST)                     # a new run: task 2 fails
+        self.assertRan(new, 1)
+        resumed = project.run("resume", *FAST)                           # still broken: runs it again
+        self.assertRan(resumed, 1)
+        self.assertIn("3 of 4 tasks have a saved success; 1 to run", resumed.output)
+        os.remove(project.path("broken-2"))
+        fixed = project.run("resume", *FAST)
+        self.assertRan(fixed)
+        summary = project.run("results", "--summary")
+        self.assertIn("4 done, 0 errors", summary.output)

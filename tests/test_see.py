@@ -366,7 +366,7 @@ class StatusTest(support.OdenTestCase):
     def test_status_says_why_a_host_would_not_take_our_work_and_how_old_its_task_is(self):
         project = self.project(library_code=WAITING_JOB)
         ours = project.start_worker("--slots", "2", "--threads")
-        keyless = self.project(library_code=WAITING_JOB, key=False).start_worker("--threads")
+        keyless = self.project(library_code=WAITING_JOB, key=False).start_worker("--threads", "--insecure")
         wrong = self.project(library_code=WAITING_JOB).start_worker("--threads")          # its own key
         other = self.project(library_code=WAITING_JOB, name="other")                       # another job ...
         other.env["ODEN_KEY"] = project.env["ODEN_KEY"]                                    # ... with our key

@@ -187,7 +187,7 @@ class HostsTest(unittest.TestCase):
             hosts = oden.parse_hosts("a:1\nb\nA:1  # again\n[::1]:5\n[::1]:5", "hosts.txt")
         self.assertEqual([(h.number, h.label) for h in hosts], [(1, "a:1"), (2, "b:8080"), (3, "[::1]:5")])
         self.assertEqual(len(logs.output), 2)
-        self.assertIn("hosts.txt line 3: A:1 is listed already (as host 1): using it once", logs.output[0])
+        self.assertIn("hosts.txt line 3: A:1 is listed already on line 1: using it once", logs.output[0])
 
 
 class ResumeHintTest(unittest.TestCase):
@@ -213,7 +213,8 @@ class ResumeHintTest(unittest.TestCase):
                 (["local", "--workers", "2"], "python3 'my job.py' local --resume --workers 2"),
                 (["local", "--resume"], "python3 'my job.py' local --resume")]:
             with self.subTest(argv=argv):
-                self.assertEqual(self.hint(argv), expected)
+                python = os.path.basename(sys.executable)           # python3, or python3.8...
+                self.assertEqual(self.hint(argv), expected.replace("python3", python, 1))
 
 
 class RunFilesTest(unittest.TestCase):
@@ -233,6 +234,24 @@ class RunFilesTest(unittest.TestCase):
         self.assertEqual(sorted(r["task"] for _, r in oden.run_records(self.folder, "sim")), [5, 6])
         self.assertEqual([r["task"] for _, r in oden.run_records(self.folder, "sim2")], [0])
         self.assertEqual(oden.tasks_to_run([0, 5, 6], self.folder, "sim"), [0])
+
+    def test_a_new_run_starts_over_and_its_resumes_go_on_with_it(self):
+        def record(stamp, task, ok, fresh=None):
+            record = {"name": "r", "task": task, "index": task, "run": stamp}
+            record.update({"result": task} if ok else {"error": "e", "exception": "E"})
+            if fresh is not None:
+                record["fresh"] = fresh
+            return record
+        old = [record("20261129-230000", 0, True), record("20261129-230000", 1, True)]  # oden 1.0
+        self.assertEqual(oden.current_records(old), old)
+        first = [record("20261129-230100", t, True, True) for t in (0, 1, 2)]
+        again = [record("20261129-230200", 0, True, True), record("20261129-230200", 1, False, True)]
+        fixed = [record("20261129-230200-2", 1, True, False)]
+        self.assertEqual(oden.current_records(old + first + again), again)   # 2 never ran again
+        self.assertEqual(oden.current_records(old + first + again + fixed), again + fixed)
+        for r in old + first + again + fixed:
+            self.write("r1_%s_%d.%s.pickle" % (r["run"], r["task"], "done" if "result" in r else "error"), r)
+        self.assertEqual(oden.tasks_to_run([0, 1, 2], self.folder, "r"), [2])
 
     def test_stamps_are_claimed_without_waiting(self):
         stamps = [oden.claim_stamp(self.folder, "t") for _ in range(3)]
