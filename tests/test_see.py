@@ -373,7 +373,7 @@ class StatusTest(support.OdenTestCase):
         other = other.start_worker("--threads")
         changed = self.project(library_code=WAITING_JOB + "\n# changed\n")               # same name, other code
         changed.env["ODEN_KEY"] = project.env["ODEN_KEY"]
-        changed = changed.start_worker("--threads")
+        changed = changed.start_worker("--threads", "--no-push")          # the manager would push
         stranger, nobody = not_a_worker(self), "127.0.0.1:%d" % support.free_port()
         project.write_hosts([ours, keyless, wrong, other, changed, stranger, nobody])
 
