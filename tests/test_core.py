@@ -94,7 +94,7 @@ class CoreWorkflowTest(support.OdenTestCase):
             with open(path, "rb") as f:
                 record = pickle.load(f)
             self.assertEqual(set(record), {"name", "index", "task", "host", "started", "ended", "output", "result",
-                                           "run", "script"})
+                                           "run", "script", "fresh"})
             self.assertEqual(record["name"], "t")
             self.assertEqual(record["task"], record["index"])
             self.assertEqual(record["result"], record["task"] ** 2 + 1)
