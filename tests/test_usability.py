@@ -12,9 +12,7 @@ import io
 import json
 import os
 import pickle
-import pty
 import re
-import select
 import subprocess
 import sys
 import time
@@ -66,34 +64,8 @@ def class_project(cls, **kwargs):
 
 
 def run_on_terminal(project, *args, timeout=120):
-    """Run a command with stdout and stderr on a pseudo-terminal; return (exit code, output text)."""
-    master, slave = pty.openpty()
-    try:
-        support.set_terminal_size(slave, 24, 200)    # wide enough for the progress line in full
-        process = subprocess.Popen([sys.executable, project.script] + list(args), cwd=project.folder,
-                                   env=project.env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                                   start_new_session=True)
-    finally:
-        os.close(slave)
-    project.processes.append(process)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:              # EIO: the last writer closed the terminal
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            elif process.poll() is not None:
-                break
-    finally:
-        os.close(master)
-    return process.wait(30), b"".join(chunks).decode("utf-8", "replace")
+    """Run a command on a pseudo-terminal wide enough for the progress line in full."""
+    return support.run_on_terminal(project, *args, columns=200, timeout=timeout)
 
 
 def summary_rows(output):
