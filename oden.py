@@ -513,6 +513,8 @@ def project_modules(script, folder):
         if path in found:
             continue
         found.add(path)
+        if path == os.path.abspath(__file__):
+            continue                     # oden.py imports the standard library alone: no need to read it
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), path)
