@@ -443,3 +443,25 @@ def wait_for_text(path, pattern, seconds=60, process=None):
             with open(path, encoding="utf-8", errors="replace") as f:
                 raise AssertionError("no %r in %s:\n%s" % (pattern, path, f.read()[-3000:]))
         time.sleep(0.05)
+
+
+class NotingCondition(threading.Condition):
+    """A Condition whose `waiting` Event is set when a thread starts to wait on it.  A test
+    that sees the event and then takes the lock knows the waiter is inside wait() (it has
+    let go of the lock), so it can wake it and check that it wakes, without any sleep."""
+
+    def __init__(self, lock=None):
+        super().__init__(lock)
+        self.waiting = threading.Event()
+
+    def wait(self, timeout=None):
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+def in_thread(target, *args):
+    """Start target(*args) in a daemon thread; return (thread, box): box gets its result."""
+    box = []
+    thread = threading.Thread(target=lambda: box.append(target(*args)), daemon=True)
+    thread.start()
+    return thread, box
