@@ -86,9 +86,17 @@ class CodecTest(unittest.TestCase):
         self.refused(403, "bad signature: wrong key", body + b".", header)
 
     def test_a_stale_request_is_refused_naming_the_clocks(self):
-        with mock.patch.object(oden.time, "time", return_value=time.time() - 1000):
-            body, header, _ = self.pair.seal({"n": 1})
-        self.refused(403, "the worker's clock is 1000 s ahead of the manager's", body, header)
+        for shift, side in ((-1000, "ahead of"), (1000, "behind")):
+            with mock.patch.object(oden.time, "time", return_value=time.time() + shift):
+                body, header, _ = self.pair.seal({"n": 1})
+            with self.assertRaises(oden.AuthError) as refused:
+                self.pair.open(body, header)
+            self.assertEqual(refused.exception.status, 403)
+            self.assertRegex(str(refused.exception), "^stale request: the worker's clock is "
+                             "(999|1000|1001) s %s the manager's" % side)
+        with mock.patch.object(oden.time, "time", return_value=time.time() - 200):
+            body, header, _ = self.pair.seal({"n": 2})
+        self.assertEqual(self.pair.open(body, header)[0], {"n": 2})     # within MAX_CLOCK_SKEW
 
     def test_the_wrong_key_is_refused_before_the_body_is_unpickled(self):
         self.pair = Pair(worker_key=b"x" * 32)
