@@ -60,8 +60,8 @@ class CodecTest(unittest.TestCase):
         message, worker_ticket = self.pair.open(body, header)
         self.assertEqual(message, {"run": "r", "batches": []})
         reply, headers = self.pair.worker.seal_reply(worker_ticket, 200, {"done": [1]})
-        self.assertEqual(self.pair.manager.open_reply(ticket, 200, headers[oden.AUTH_HEADER], reply),
-                         {"done": [1]})
+        opened = self.pair.manager.open_reply(ticket, 200, headers[oden.AUTH_HEADER], reply)
+        self.assertEqual(opened, {"done": [1]})
 
     def test_a_replayed_or_older_request_is_refused(self):
         first = self.pair.seal({"n": 1})
@@ -161,7 +161,8 @@ class CodecTest(unittest.TestCase):
         with self.assertRaises(oden.AuthError) as refused:
             codec.check_head("/poll", None, len(body), "x")
         self.assertEqual(refused.exception.status, 401)
-        self.assertEqual(codec.seal_reply(None, 200, 5), (oden.encode(5), {oden.AUTH_HEADER: "none"}))
+        self.assertEqual(codec.seal_reply(None, 200, 5),
+                         (oden.encode(5), {oden.AUTH_HEADER: "none"}))
 
     def test_a_request_in_frames_is_signed_over_all_its_parts(self):
         big = b"t" * oden.OUT_OF_BAND
