@@ -21,7 +21,8 @@ class HostsTest(unittest.TestCase):
         hosts = oden.parse_hosts(text, "hosts.txt")
         self.assertEqual([(h.number, h.address, h.port) for h in hosts],
                          [(1, "alpha", 8080), (2, "beta", 9000), (3, "::1", 81),
-                          (4, "fe80::2", 8080), (5, "10.0.0.7", 65535), (6, "host_1.lab-x", 8080)])
+                          (4, "fe80::2", 8080), (5, "10.0.0.7", 65535),
+                          (6, "host_1.lab-x", 8080)])
         self.assertEqual([h.label for h in hosts[2:4]], ["[::1]:81", "[fe80::2]:8080"])
         self.assertEqual(hosts[2].uri, "http://[::1]:81")
         self.assertEqual(oden.Host(1, "a", 5, "https").uri, "https://a:5")
@@ -32,8 +33,9 @@ class HostsTest(unittest.TestCase):
             with self.subTest(line=line):
                 with self.assertRaises(oden.OdenError) as bad:
                     oden.parse_hosts("# first\ngood\n%s  # note\n" % line, "lab.txt")
-                self.assertEqual(str(bad.exception), "lab.txt line 3: %r is not 'host', "
-                                 "'host:port' or '[ipv6]:port' (port 1-65535)" % (line + "  # note"))
+                self.assertEqual(str(bad.exception),
+                                 "lab.txt line 3: %r is not 'host', 'host:port' or '[ipv6]:port' "
+                                 "(port 1-65535)" % (line + "  # note"))
 
     def test_a_host_with_its_default_port_spelled_out_is_the_same_host(self):
         with self.assertLogs("oden", "WARNING") as logs:
