@@ -124,6 +124,8 @@ class CodecTest(unittest.TestCase):
             with self.subTest(header=header):
                 self.refused(401, text, body, header)
         self.assertEqual(UNPICKLED, [])
+        oden.decode(body)                                       # the body would have fired
+        self.assertEqual(UNPICKLED, ["bomb"])
 
     def test_the_head_is_checked_before_the_body_is_read(self):
         body, header, _ = self.pair.seal({"n": Bomb()})
