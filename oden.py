@@ -13,13 +13,16 @@ How the parts fit::
       one thread per host (HostRunner):              POST /submit  queue batches, then
         keeps slots + prefetch batches in flight ->  POST /poll    long poll: answers
         long-polls for whichever results are ready <-              as soon as a batch ends
-      Run: claims each outcome, one atomic .pickle   slot 1..N: calc(task) in a child
-      progress line, log file, resume                  process (or a thread: --threads)
+      ResultStore: claims each outcome, writes one   slot 1..N: calc(task) in a child
+        atomic .pickle; progress, log file, resume     process (or a thread: --threads)
       Dashboard: live page on 127.0.0.1 (GET / ,     GET / , /status , /status.json
         /status.json); frozen as the run's report
 
+* RunContext  : what a manager run fixed at its start (name, stamp, key, settings); frozen.
 * TaskBoard   : which tasks wait, which are in flight where, which are finished.
 * HostRunner  : one per host; connects, submits and polls in one request, requeues on failure.
+* HostClient  : a HostRunner's line to its worker: sends a request, receives its answer.
+* ResultStore : claims each task's first outcome, writes its file, counts it (its Tally).
 * WorkerState : the worker's queue of batches, its slots and the finished results.
 * Codec       : the one place every message is pickled, signed, checked and unpickled.
 * Dashboard   : the manager's read-only live page of the run; frozen, it is the run's report.
@@ -36,22 +39,24 @@ position in the list make_tasks() returned.
     (encode() puts big tasks in frames of their own) and the worker's /submit queues the
     batch in the RunState of that manager run.
  4. A slot takes the batch; its child process (slot_process_main) runs calc on each task and
-    sends back one wire record per task: {"index", "ok", "result" (pickled) or "error" and
+    sends back one report per task: {"index", "ok", "result" (pickled) or "error" and
     "exception", "started", "ended", "output"}.
  5. The finished batch waits in its RunState until a long poll (/poll, or /submit with a
     wait) returns it; the runner's next request acks it and the worker forgets it.
- 6. The runner checks the records against the batch (_answered), the Run claims each index on
-    the board (the first outcome wins, a duplicate is dropped) and writes the file record,
-    the dict of README.md "Result files", as {name}{host}_{stamp}_{index}.done.pickle or
-    .error.pickle (fsynced, renamed into place).
+ 6. The runner checks the reports against the batch (_answered); while it waits for its next
+    answer, the ResultStore claims each index (the first outcome wins, a duplicate is
+    dropped), the board marks it finished, and the store writes its file record, the dict of
+    README.md "Result files", as {name}{host}_{stamp}_{index}.done.pickle or .error.pickle
+    (fsynced, renamed into place).  A report travels; a file record is what lands on disk.
  7. Whatever fails in between sends the index back to the board: free when it only waited in
     a worker's queue, else as an attempt, and as a death when its worker died while it ran;
     past --max-attempts or --max-deaths it is written as an error record.  The run ends when
     every index has a file (or on a stop, with the command that finishes it).
 
-Locks.  The manager: TaskBoard.changed guards the board (queue, copies, attempts, hunger);
-Run.lock its counts; Fleet.lock which hosts are up or refuse; each HostRunner and HostClient
-belongs to its host's thread alone.  The worker: WorkerState.lock guards its runs, their
+Locks.  The manager: TaskBoard.changed guards the board (queue, copies, attempts, hunger,
+batch ids); ResultStore.lock its claims and failure, ResultStore.changed its writer's queue;
+Tally.lock the counts; Fleet.lock which hosts are up or refuse; each HostRunner and HostClient
+belongs to its host's thread alone; a RunContext is frozen.  The worker: WorkerState.lock guards its runs, their
 batches and the counts; a slot's thread owns its Slot.  Codec._lock guards a session's counter
 and the replay guard.  Each class says where it reads without a lock, and why.
 
@@ -75,6 +80,7 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -2053,9 +2059,10 @@ class Host:
 HOST_LINE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
 
 
-def parse_hosts(text, source):
-    """Hosts from text with one per line; `source` names the file in errors.  A host listed
-    twice is used once, with a warning naming both lines."""
+def parse_hosts(text, source, scheme="http"):
+    """Hosts from text with one per line, spoken to with `scheme` (http, or https with
+    --cafile); `source` names the file in errors.  A host listed twice is used once, with a
+    warning naming both lines."""
     found, lines = [], {}                # lines: host label -> the line it was first on
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -2066,7 +2073,7 @@ def parse_hosts(text, source):
         if not match or not 0 < port < 65536:
             raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
                             % (source, number, raw.strip()[:80]))
-        host = Host(len(found) + 1, match.group("v6") or match.group("name"), port)
+        host = Host(len(found) + 1, match.group("v6") or match.group("name"), port, scheme)
         twin = lines.get(host.label.lower())
         if twin is not None:             # two threads on one worker would take its work from each other
             log.warning("%s line %d: %s is listed already on line %d: using it once",
@@ -2077,11 +2084,12 @@ def parse_hosts(text, source):
     return found
 
 
-def read_hosts(setting, hosts_file):
-    """The hosts to use: the user section's `hosts` text or list, else the hosts file."""
+def read_hosts(setting, hosts_file, scheme="http"):
+    """The hosts to use: the user section's `hosts` text or list, else the hosts file; see
+    parse_hosts()."""
     if hosts_file is None and setting is not None:
         text = setting if isinstance(setting, str) else "\n".join(setting)
-        return parse_hosts(text, "the 'hosts' setting")
+        return parse_hosts(text, "the 'hosts' setting", scheme)
     path = hosts_file or os.path.join(script_folder(), HOSTS_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -2091,7 +2099,7 @@ def read_hosts(setting, hosts_file):
                         "or try 'python3 oden.py local'" % (path, e.strerror or e))
     except UnicodeDecodeError:
         raise OdenError("hosts file %s is not text: write one 'host:port' a line" % path)
-    found = parse_hosts(text, path)
+    found = parse_hosts(text, path, scheme)
     if not found:
         raise OdenError("no hosts in %s: add one 'host:port' a line, or try 'python3 oden.py local'" % path)
     return found
@@ -2121,19 +2129,28 @@ OURS = "ours"                            # a bug in the manager: never the worke
 
 
 class HostClient:
-    """The manager's line to one worker: a kept-alive HTTP connection (or a new
-    one for each request with keepalive=False), every body through Codec."""
+    """The manager's line to one worker: a kept-alive HTTP connection (or a new one for each
+    request with keepalive=False), every body sealed and opened by the Codec.
+
+    send() sends a request and receive() reads its answer, so the caller can do other work
+    (write the last results) while the worker works; call() does both.  connect() keeps the
+    worker's boot id, which every later request carries so that none reaches a restarted
+    worker; forget() drops it with the line.  Failures raise HostError (see its kinds).
+    Used by one thread at a time.
+    """
 
     def __init__(self, host, codec, request_timeout, tls=None, keepalive=True, max_reply=MAX_REPLY):
-        self.host, self.codec, self.timeout, self.tls, self.keepalive = host, codec, request_timeout, tls, keepalive
-        self.max_reply = max_reply
-        self.boot = None
-        self.connection = None
-        self.meanwhile = None
+        self.host, self.codec, self.timeout, self.tls = host, codec, request_timeout, tls
+        self.keepalive, self.max_reply = keepalive, max_reply
+        self.boot = None                 # the worker's boot id, from connect()
+        self.connection = None           # the http.client connection, opened when needed
+        self.sending = None              # (path, message, seconds) of the request in flight
+        self.request = None              # its PendingRequest, until its answer is read
+        self.ticket = None               # what opens its answer (Codec.seal_request)
+        self.retried = False             # it was sent again on a new line already
 
     def connect(self, manifest):
-        """Say hello with our code's manifest: the worker's answer, whose boot id every later
-        request carries (so none reaches a restarted worker)."""
+        """Say hello with our code's manifest: return the worker's answer and keep its boot id."""
         hello = self.call("/hello", {"manifest": manifest})
         self.boot = hello["boot"]
         return hello
@@ -2143,47 +2160,90 @@ class HostClient:
         self.close()
         self.boot = None
 
-    def call(self, path, message, extra_wait=0, meanwhile=None):
-        """Send a message and return the worker's answer.  `meanwhile()` runs exactly once:
-        while the worker works on the request (or after a failure)."""
-        self.meanwhile = meanwhile
-        try:
-            return self._call(path, message, extra_wait)
-        finally:
-            self._run_meanwhile()
+    def call(self, path, message, extra_wait=0):
+        """Send a message and return the worker's answer."""
+        self.send(path, message, extra_wait)
+        return self.receive()
 
-    def _run_meanwhile(self):
-        meanwhile, self.meanwhile = self.meanwhile, None
-        if meanwhile:
-            meanwhile()
+    def send(self, path, message, extra_wait=0):
+        """Send a message; receive() reads the answer, which the worker may hold back for
+        `extra_wait` s beyond the request timeout (a long poll)."""
+        self.sending = (path, message, self.timeout + extra_wait)
+        self.retried = not (self.keepalive and self.connection is not None)   # a new line
+        self._step(self._post)
 
-    def _call(self, path, message, extra_wait):
-        seconds = self.timeout + extra_wait
-        for attempt in (1, 2):
-            body, headers, ticket = self.codec.seal_request(path, message, self.boot)
-            reused = self.keepalive and self.connection is not None
-            try:
-                status, header, reply = self._post(path, body, headers, seconds)
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                self.close()
-                if not (reused and attempt == 1):     # else: the worker closed an idle kept-alive connection
-                    raise HostError(explain_network_error(e, seconds), GONE)
-            except socket.timeout as e:
-                self.close()
-                raise HostError(explain_network_error(e, seconds), TIMEOUT)
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                raise HostError(explain_network_error(e, seconds), GONE)
+    def receive(self):
+        """The answer to what send() sent, checked and unpickled."""
+        status, header, reply = self._step(self._answer)
         if status != 200:
             raise self._refusal(status, reply)
         try:
-            return self.codec.open_reply(ticket, status, header, reply)
+            return self.codec.open_reply(self.ticket, status, header, reply)
         except AuthError as e:
             raise HostError(str(e), REFUSED)
         except Exception as e:
             raise HostError("its answer is not an oden message (%s): is that port really an oden "
                             "worker?" % one_line(e), REFUSED)
+
+    def _step(self, step):
+        """step(), its failures raised as HostError with the line closed.  A kept-alive line
+        the worker closed while it idled fails the first request on it: that request goes
+        again, once, on a new line."""
+        try:
+            return step()
+        except IDLE_CLOSED as e:
+            self.close()
+            if self.retried:
+                raise HostError(explain_network_error(e, self.sending[2]), GONE) from None
+            self.retried = True
+        except BaseException as e:
+            self.close()
+            raise self._failure(e)
+        if step == self._answer:
+            self._step(self._post)
+        return self._step(step)
+
+    def _failure(self, error):
+        """What a failed step means: a HostError, or the error itself (a deadline's HostError,
+        or a bug)."""
+        seconds = self.sending[2]
+        if isinstance(error, socket.timeout):
+            return HostError(explain_network_error(error, seconds), TIMEOUT)
+        if isinstance(error, (OSError, http.client.HTTPException)):
+            return HostError(explain_network_error(error, seconds), GONE)
+        return error
+
+    def _post(self):
+        """Seal and send the request in `sending`.  All of it, with its answer, ends within its
+        seconds plus len(body) / SLOWEST_RATE for the upload, whatever the worker does: see
+        PendingRequest.  Redirects are never followed."""
+        path, message, seconds = self.sending
+        body, headers, self.ticket = self.codec.seal_request(path, message, self.boot)
+        headers = dict(headers, **{"Content-Type": "application/octet-stream"})
+        if not self.keepalive:
+            headers["Connection"] = "close"
+        if self.connection is None:
+            self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port,
+                                                           context=self.tls)
+                               if self.tls else
+                               http.client.HTTPConnection(self.host.address, self.host.port))
+        self.request = PendingRequest(self.connection, "POST", path, body, headers,
+                                      seconds + body_size(body) / SLOWEST_RATE)
+
+    def _answer(self):
+        """The answer's (status, auth header, body).  An answer over max_reply bytes
+        (SMALL_REPLY for /hello) raises HostError unread, and an error answer's text comes
+        back escaped and cut to one line (peer_text)."""
+        limit, hint = ((SMALL_REPLY, "that port is not an oden worker")
+                       if self.sending[0] == "/hello" else
+                       (self.max_reply, "pass a larger --max-reply if results are that large"))
+        response, data = self.request.answer(limit, hint)
+        self.request = None
+        if response.will_close or not self.keepalive or not response.isclosed():
+            self.close()
+        if response.status != 200:
+            data = peer_text(data).encode()
+        return response.status, response.getheader(AUTH_HEADER), data
 
     def _refusal(self, status, reply):
         """The HostError for a reply other than 200: what the worker said, and what it means."""
@@ -2192,77 +2252,74 @@ class HostClient:
         if status == 409:
             return HostError(said, RESTARTED)
         if status == 401 and self.codec.key is None:
-            return HostError(said + " (it has a key and we send none: run without --insecure, with "
-                             "the worker's oden.key next to this script)", REFUSED)
+            return HostError(said + " (it has a key and we send none: run without --insecure, "
+                             "with the worker's oden.key next to this script)", REFUSED)
         if status in (401, 403) and "signature" in said:
             return HostError(said + " (is the worker's oden.key the same as ours?)", REFUSED)
         return HostError(said, REFUSED if 400 <= status < 500 else GONE)
 
-    def _post(self, path, body, headers, request_timeout):
-        """Send one request; return the answer's (status, auth header, body).  All of it
-        ends within request_timeout (plus len(body) / SLOWEST_RATE for the upload)
-        whatever the worker does: see http_request.  Redirects are never followed.  An
-        answer over max_reply bytes (SMALL_REPLY for /hello) raises HostError unread, and
-        an error answer's text comes back escaped and cut to one line (peer_text)."""
-        headers = dict(headers, **{"Content-Type": "application/octet-stream"})
-        if not self.keepalive:
-            headers["Connection"] = "close"
-        if self.connection is None:
-            self.connection = (http.client.HTTPSConnection(self.host.address, self.host.port, context=self.tls)
-                               if self.tls else http.client.HTTPConnection(self.host.address, self.host.port))
-        limit, hint = ((SMALL_REPLY, "that port is not an oden worker") if path == "/hello" else
-                       (self.max_reply, "pass a larger --max-reply if results are that large"))
-        try:
-            response, data = http_request(self.connection, "POST", path, body, headers,
-                                          request_timeout + body_size(body) / SLOWEST_RATE, limit, hint,
-                                          self._run_meanwhile)
-        except BaseException:
-            self.close()                 # its answer would be left unread on the connection
-            raise
-        if response.will_close or not self.keepalive or not response.isclosed():
-            self.close()
-        if response.status != 200:
-            data = peer_text(data).encode()
-        return response.status, response.getheader(AUTH_HEADER), data
-
     def close(self):
+        """Close the line; a request in flight is abandoned."""
+        if self.request is not None:
+            self.request.abandon()
+            self.request = None
         if self.connection is not None:
             self.connection.close()
             self.connection = None
 
 
-def http_request(connection, method, path, body, headers, seconds, limit, hint, meanwhile=None):
-    """One request on an http.client connection; return (response, body of the answer).
+IDLE_CLOSED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
-    All of it, connecting, sending and receiving, ends within `seconds` (the time
-    meanwhile() takes, between sending and receiving, does not count), however slowly
-    the peer answers: else HostError.  A 200 answer over `limit` bytes raises HostError
-    without being read (`hint` says what to do); an error answer's body is cut to
-    SMALL_REPLY.  Other failures raise what http.client raises.
+
+class PendingRequest:
+    """One request on an http.client connection, sent, its answer to be read by answer().
+
+    All of it, connecting, sending and receiving, ends within `seconds`, however slowly the
+    peer answers (the Watchdog cuts it off; else HostError TIMEOUT); the time between the
+    sending and answer() is the caller's and does not count.  A 200 answer over `limit`
+    bytes raises HostError without being read (`hint` says what to do); an error answer's
+    body is cut to SMALL_REPLY.  Other failures raise what http.client raises.
     """
-    connection.timeout = seconds         # connecting, and each read or write on its own
-    if connection.sock is not None:
-        connection.sock.settimeout(seconds)
-    watch = WATCHDOG.arm(connection, seconds)
-    try:
-        connection.request(method, path, body, headers)
-        if meanwhile is not None:
-            WATCHDOG.pause(watch)
-            meanwhile()
-            WATCHDOG.resume(watch)
-        response = connection.getresponse()
-        data = read_answer(response, limit, hint)
-    except (OSError, http.client.HTTPException):
-        if WATCHDOG.disarm(watch):
-            raise HostError("no whole answer within %g s (--timeout): it answers too slowly, or "
-                            "that port is not an oden worker" % round(seconds, 1), TIMEOUT) from None
-        raise
-    except BaseException:
-        WATCHDOG.disarm(watch)
-        raise
-    if WATCHDOG.disarm(watch):
-        connection.close()               # cut as the answer came: keep it, not the connection
-    return response, data
+
+    def __init__(self, connection, method, path, body, headers, seconds):
+        self.connection, self.seconds = connection, seconds
+        connection.timeout = seconds     # connecting, and each read or write on its own
+        if connection.sock is not None:
+            connection.sock.settimeout(seconds)
+        self.watch = WATCHDOG.arm(connection, seconds)
+        self._within(connection.request, method, path, body, headers)
+        WATCHDOG.pause(self.watch)
+
+    def answer(self, limit, hint):
+        """(response, body of the answer)."""
+        WATCHDOG.resume(self.watch)
+        response = self._within(self.connection.getresponse)
+        data = self._within(read_answer, response, limit, hint)
+        if WATCHDOG.disarm(self.watch):
+            self.connection.close()      # cut as the answer came: keep it, not the connection
+        return response, data
+
+    def abandon(self):
+        """Its answer will not be read: stop watching it."""
+        WATCHDOG.disarm(self.watch)
+
+    def _within(self, step, *args):
+        try:
+            return step(*args)
+        except (OSError, http.client.HTTPException):
+            if WATCHDOG.disarm(self.watch):
+                raise HostError("no whole answer within %g s (--timeout): it answers too slowly, "
+                                "or that port is not an oden worker" % round(self.seconds, 1),
+                                TIMEOUT) from None
+            raise
+        except BaseException:
+            WATCHDOG.disarm(self.watch)
+            raise
+
+
+def http_request(connection, method, path, body, headers, seconds, limit, hint):
+    """One request and its answer: (response, body of the answer); see PendingRequest."""
+    return PendingRequest(connection, method, path, body, headers, seconds).answer(limit, hint)
 
 
 def read_answer(response, limit, hint):
@@ -2326,7 +2383,7 @@ class Watchdog:
     def disarm(self, token):
         """Stop watching; True if the deadline had passed and the connection was cut."""
         with self.lock:
-            return self.armed.pop(token)[2]
+            return self.armed.pop(token, (None, None, False))[2]    # once only: then no-op
 
     def _run(self):
         while True:
@@ -2354,11 +2411,12 @@ def explain_network_error(error, seconds):
         return ("no answer within %g s (--timeout): the machine may be down, a firewall may drop "
                 "the port, or the link is too slow for this much data: raise --timeout" % seconds)
     if isinstance(error, ssl.SSLError):
-        return "TLS failed (%s): check --cafile and the worker's --certfile" % getattr(error, "reason", error)
+        return ("TLS failed (%s): check --cafile and the worker's --certfile"
+                % getattr(error, "reason", error))
     if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                           http.client.BadStatusLine)):
-        return ("connection closed without an answer: the worker died, that port is not an oden worker, "
-                "or the worker serves TLS (then pass --cafile)")
+        return ("connection closed without an answer: the worker died, that port is not an oden "
+                "worker, or the worker serves TLS (then pass --cafile)")
     return peer_text(one_line(error))          # e.g. http.client's errors quote what the peer sent
 
 
@@ -2381,9 +2439,10 @@ class TaskBoard:
         self.deaths = collections.Counter()
         self.max_attempts, self.max_deaths = max_attempts, max_deaths
         self.stopping = False
-        self.total_slots = 0                     # slots of the hosts that are up (for the chunk size)
+        self.total_slots = 0                     # slots of the hosts that are up (batch sizes)
         self.hunger = 0                          # slots of idle hosts waiting for work now
         self.waiting = {}                        # host number -> indices queued on it, not started
+        self.batches = 0                         # batch ids handed out
 
     @property
     def finished(self):
@@ -2426,8 +2485,8 @@ class TaskBoard:
 
     @contextlib.contextmanager
     def hungry(self, slots):
-        """While an idle host with `slots` free waits for work: hosts with batches waiting on
-        their worker give them back to the queue meanwhile (see HostRunner.exchange)."""
+        """While a host with `slots` idle waits for work: hosts with batches waiting on their
+        worker give them back to the queue meanwhile (see HostRunner.request)."""
         with self.changed:
             self.hunger += slots
         try:
@@ -2435,6 +2494,13 @@ class TaskBoard:
         finally:
             with self.changed:
                 self.hunger -= slots
+
+    def outlook(self):
+        """(tasks in the queue, slots of the hosts that are up, slots idle for want of work that
+        the queue will not fill): what a HostRunner sizes its batches and prefetch by."""
+        with self.changed:
+            queued = len(self.pending)
+            return queued, self.total_slots, max(0, self.hunger - queued)
 
     def note_waiting(self, host_number, indices):
         """The tasks waiting (queued, not started) on a host's worker, as of its last answer."""
@@ -2456,7 +2522,8 @@ class TaskBoard:
                 if self.deaths[index] >= self.max_deaths:
                     failed.append((index, self._death_toll(index)))
                 elif self.attempts[index] >= self.max_attempts:
-                    failed.append((index, "gave up after %d attempts: %s" % (self.attempts[index], reason)))
+                    failed.append((index, "gave up after %d attempts: %s"
+                                   % (self.attempts[index], reason)))
                 elif self.copies[index] == 0:
                     again.append(index)
             self.pending.extendleft(reversed(again))     # first in the queue, in their order
@@ -2495,20 +2562,18 @@ class TaskBoard:
             for index in indices:
                 self.copies[index] -= 1
 
-    def reopen(self, index):
-        """A finished task whose result could not be saved is unfinished again."""
+    def finish(self, indices):
+        """Tasks whose outcomes are claimed (ResultStore.claim) are finished."""
         with self.changed:
-            self.unfinished.add(index)
+            self.unfinished.difference_update(indices)
+            if not self.unfinished:      # a task's end gives no waiter work: waking every idle
+                self.changed.notify_all()    # host per result would cost O(hosts) CPU per task
 
-    def finish(self, index):
-        """Mark a task finished; False if it already was (a duplicate result)."""
+    def new_batch_id(self):
+        """A batch id no other batch of this run has (a worker keeps each run's apart)."""
         with self.changed:
-            if index not in self.unfinished:
-                return False
-            self.unfinished.discard(index)
-            if not self.unfinished:           # one task's end gives no waiter work: waking every idle host
-                self.changed.notify_all()     # per result costs O(hosts) CPU per task
-            return True
+            self.batches += 1
+            return self.batches
 
     def wait(self, seconds):
         """Wait for any news (or `seconds`), unless the run has ended or stopped already."""
@@ -2598,8 +2663,9 @@ def push_code(client, host, manifest, hello, run_id, max_push, name):
     large, a failed write);
     HostError(TIMEOUT) when it is busy with another run's tasks (asked again later)."""
     stale, ours = hello["stale"], os.path.basename(sys.argv[0])
-    what = "worker %d runs other code (%d files differ: %s)" % (
-        host.number, len(stale), printable(", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")))
+    named = ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")
+    what = "worker %d runs other code (%d files differ: %s)" % (host.number, len(stale),
+                                                                 printable(named))
     if hello.get("name") != name:        # its files are another project's: never overwrite them
         raise HostError("worker %d runs another project's job (%s, not %r): start this project's "
                         "worker there, on another --port" % (host.number, peer_text(
@@ -2632,12 +2698,14 @@ def push_code(client, host, manifest, hello, run_id, max_push, name):
             raise
         answer = {"ok": True}            # the restart can beat its answer: the new hello tells
     if not answer.get("ok"):
-        raise HostError("push to worker %d failed: %s" % (host.number, printable(str(answer.get("why")))),
+        why = printable(str(answer.get("why")))
+        raise HostError("push to worker %d failed: %s" % (host.number, why),
                         TIMEOUT if answer.get("retry") else REFUSED)
     fresh = wait_for_restart(client, hello["boot"], manifest)
     if fresh.get("stale"):
-        raise HostError("worker %d still runs other code after a push (%s): copy the project there "
-                        "yourself" % (host.number, printable(", ".join(fresh["stale"][:5]))), REFUSED)
+        still = printable(", ".join(fresh["stale"][:5]))
+        raise HostError("worker %d still runs other code after a push (%s): copy the project "
+                        "there yourself" % (host.number, still), REFUSED)
     log.info("%s: runs our code now (pushed %d files, %d bytes)", host.label, len(files), size)
     return fresh
 
@@ -2672,19 +2740,23 @@ class HostRunner:
     """
 
     def __init__(self, run, host):
-        self.run, self.host = run, host
-        self.client = HostClient(host, Codec(run.key), run.settings.timeout, run.tls,
-                                 run.settings.keepalive, run.settings.max_reply)
+        self.host = host
+        self.context, self.board, self.fleet = run.context, run.board, run.fleet
+        self.tasks, self.store, self.call_user = run.tasks, run.store, run.call_user
+        context = run.context
+        self.client = HostClient(host, Codec(context.key), context.timeout, context.tls,
+                                 context.keepalive, context.max_reply)
         self.in_flight = {}              # batch id -> [task indices]
         self.waiting = []                # ids of the batches in flight that no slot has started
-        self.arrived = []                # records of the last answer, written during the next request
+        self.arrived = []                # reports of the last answer, saved during the next request
         self.acks = []
         self.slots = 0
         self.max_body = MAX_BODY         # the worker's --max-body, from its hello
         self.up = False                  # connected, its slots counted on the board
         self.last_boot = None            # boot id of the worker we last talked to
-        self.suspects = []               # tasks it held when the line broke: dead or not, connect() tells
-        self.mean_task = None            # seconds, running average from the worker's records
+        self.suspects = []               # tasks it held when the line broke (connect() tells
+                                         # whether the worker died with them)
+        self.mean_task = None            # seconds, running average from the worker's reports
         self.finished_told = False
         self.down_reason = None
 
@@ -2699,16 +2771,20 @@ class HostRunner:
 
     # -- the loop --------------------------------------------------------
     def __call__(self):
-        board, settings = self.run.board, self.run.settings
+        board, context = self.board, self.context
         backoff = BACKOFF[0]
-        while not board.finished and not board.stopping:
+        while not board.finished and not board.stopping and not self.store.failure:
             try:
                 if not self.up:
                     self.connect()
                     backoff = BACKOFF[0]
                 batches = self.take_batches()
-                if batches or self.in_flight:
-                    self.exchange(batches, wait=min(settings.interval_polling, settings.timeout / 2))
+                wait = min(context.interval_polling, context.timeout / 2)
+                if batches:
+                    self.exchange(batches, wait)
+                elif self.in_flight:
+                    with board.hungry(self.idle_slots()):
+                        self.exchange([], wait)
                 else:
                     self.save_arrived()
                     self.idle()
@@ -2733,19 +2809,19 @@ class HostRunner:
 
     def connect(self):
         try:
-            hello = self.client.connect(self.run.manifest)
+            hello = self.client.connect(self.context.manifest)
         except HostError as e:
             if e.kind == GONE:
                 self._judge_suspects(died=True)          # it stopped answering while it held them
             raise
         self._judge_suspects(died=hello["boot"] != self.last_boot)
         if hello.get("stale"):
-            hello = push_code(self.client, self.host, self.run.manifest, hello, self.run.id,
-                              self.run.settings.max_push, self.run.settings.name)
+            hello = push_code(self.client, self.host, self.context.manifest, hello, self.context.id,
+                              self.context.max_push, self.context.name)
         self.last_boot, self.up = hello["boot"], True
         self.slots, self.max_body = int(hello["slots"]), int(hello.get("max_body", MAX_BODY))
-        self.run.board.add_slots(self.slots)
-        self.run.fleet.mark(self.host, True)
+        self.board.add_slots(self.slots)
+        self.fleet.mark(self.host, True)
         self.finished_told = False
         log.info("%s is up: %d slots, Python %s", self.host.label, self.slots,
                  printable(str(hello.get("python"))))
@@ -2756,19 +2832,22 @@ class HostRunner:
         in one request no larger than the worker's --max-body and, past its first batch, than
         REQUEST_BYTES (a request is a copy of its tasks in the manager's memory)."""
         batches, room = [], self.max_body - REQUEST_ENVELOPE
-        held = self.slots if self.run.board.hunger else self.slots + self.prefetch()
+        queued, all_slots, unmet = self.board.outlook()
+        tail = queued < all_slots        # the end of the run: what is left goes to free slots
+        held = self.slots if unmet or tail else self.slots + self.prefetch()
         while len(self.in_flight) + len(batches) < held:      # no prefetch while hosts idle
-            indices = self.run.board.take(self.chunk())
-            if not indices and self.run.settings.speculate and not self.in_flight and not batches:
-                straggler = self.run.board.take_straggler(2 * (self.mean_task or 0))
+            indices = self.board.take(self.chunk())
+            if not indices and self.context.speculate and not self.in_flight and not batches:
+                straggler = self.board.take_straggler(2 * (self.mean_task or 0))
                 indices = [straggler] if straggler is not None else []
                 if indices:
-                    log.info("%s runs a backup copy of straggler task %d", self.host.label, straggler)
+                    log.info("%s runs a backup copy of straggler task %d", self.host.label,
+                             straggler)
             if not indices:
                 break
             indices, room = self._fit(indices, room)
             if indices:
-                batches.append((self.run.new_batch_id(), indices))
+                batches.append((self.board.new_batch_id(), indices))
             if room <= 0 or self.max_body - REQUEST_ENVELOPE - room >= REQUEST_BYTES:
                 break
         for batch_id, indices in batches:
@@ -2782,19 +2861,19 @@ class HostRunner:
         larger than the worker's whole limit can never go there: it is that task's error."""
         kept = []
         for position, index in enumerate(indices):
-            size = self.run.tasks.size(index) + ITEM_ENVELOPE
+            size = self.tasks.size(index) + ITEM_ENVELOPE
             if size > self.max_body - REQUEST_ENVELOPE:
-                self.run.board.release([index])
-                self.run.accept(self.host, [error_record(
-                    index, "task %d is %d bytes pickled, over the --max-body of %d bytes of worker %d"
-                    % (index, size, self.max_body, self.host.number),
+                self.board.release([index])
+                self.settle([error_record(
+                    index, "task %d is %d bytes pickled, over the --max-body of %d bytes of "
+                    "worker %d" % (index, size, self.max_body, self.host.number),
                     "TaskTooLarge: %d bytes, over the worker's --max-body of %d: start the worker "
                     "with a larger --max-body" % (size, self.max_body))])
             elif size <= room:
                 kept.append(index)
                 room -= size
             else:
-                self.run.board.put_back(indices[position:])
+                self.board.put_back(indices[position:])
                 return kept, 0
         return kept, room
 
@@ -2803,7 +2882,7 @@ class HostRunner:
         its next batch there even when all end together; more while batches are very short,
         one when they are long (at the end of a run a held batch waits while others idle),
         none when they are big (PREFETCH_BYTES: a held batch costs the worker its memory)."""
-        if self.run.mean_task_bytes * self.chunk() > PREFETCH_BYTES:
+        if self.tasks.mean_size * self.chunk() > PREFETCH_BYTES:
             return 0
         batch = None if self.mean_task is None else self.mean_task * self.chunk()
         if batch is not None and batch < SHORT_BATCH:
@@ -2813,30 +2892,40 @@ class HostRunner:
         return max(self.slots, PREFETCH)
 
     def chunk(self):
-        """Tasks per batch: the user's chunksize, or enough for BATCH_SECONDS, capped so every slot gets work."""
-        if self.run.settings.chunksize:
-            return self.run.settings.chunksize
+        """Tasks per batch: the user's chunksize, or enough for BATCH_SECONDS, capped so that
+        every slot gets work (half the queue's share of a slot: one task each at the end)."""
+        if self.context.chunksize:
+            return self.context.chunksize
         if self.mean_task is None:
             return 1
-        board = self.run.board
-        fair = max(1, len(board.pending) // max(1, 2 * board.total_slots))
+        queued, all_slots, _ = self.board.outlook()
+        fair = max(1, queued // max(1, 2 * all_slots))
         return max(1, min(MAX_CHUNK, int(BATCH_SECONDS / max(self.mean_task, 1e-6)), fair))
+
+    def idle_slots(self):
+        """Slots of the worker with nothing to run, as of its last answer: none while a batch
+        waits there, else its slots less the batches that run (batches just sent count as
+        running)."""
+        if self.waiting:
+            return 0
+        return max(0, self.slots - len(self.in_flight))
 
     def exchange(self, batches, wait, bye=False):
         """One request: submit the new batches (if any) and wait up to `wait` s for finished
         ones; with `bye`, the worker then forgets this run and stops what it still runs of it."""
         message = self.request(batches, wait, bye)
-        reply = self.client.call("/submit" if batches else "/poll", message, extra_wait=wait,
-                                 meanwhile=self.save_arrived)   # the last results are written while it works
+        self.client.send("/submit" if batches else "/poll", message, extra_wait=wait)
+        self.save_arrived()              # the last answer's outcomes are saved while it works
+        reply = self.client.receive()
         for batch_id in reply.get("busy", ()):
-            self.run.board.put_back(self.in_flight.pop(batch_id))
+            self.board.put_back(self.in_flight.pop(batch_id))
         self._moved(reply.get("returned", ()))
         arrived = []
-        for batch_id, records in reply["done"]:
+        for batch_id, reports in reply["done"]:
             self.acks.append(batch_id)
-            arrived += self._answered(batch_id, records)
-        for record in arrived:
-            self._learn(record)
+            arrived += self._answered(batch_id, reports)
+        for report in arrived:
+            self._learn(report)
         self.arrived += arrived
         active = set(reply["active"])
         lost = [b for b in self.in_flight if b not in active]
@@ -2846,16 +2935,19 @@ class HostRunner:
         self._check_boot(reply["boot"])
 
     def request(self, batches, wait, bye=False):
-        """The message of one exchange: acks, new batches, or a goodbye; and while a host
-        idles, a request to give back batches still waiting here (none when submitting: the
-        worker would give back the ones just sent)."""
-        message = {"run": self.run.id, "ack": self._take_acks(), "wait": wait}
+        """The message of one exchange: acks, new batches, or a goodbye; and while slots idle
+        elsewhere with nothing in the queue for them, a request to give back that many batches
+        still waiting here (none when submitting: the worker would give back the ones just
+        sent)."""
+        message = {"run": self.context.id, "ack": self._take_acks(), "wait": wait}
         if bye:
             message["bye"] = True
-        elif not batches and self.waiting and self.run.board.hunger:
-            message["give_back"] = min(len(self.waiting), self.run.board.hunger)
+        elif not batches and self.waiting:
+            _, _, unmet = self.board.outlook()
+            if unmet:
+                message["give_back"] = min(len(self.waiting), unmet)
         if batches:
-            limit, tasks = self.run.settings.task_timeout, self.run.tasks
+            limit, tasks = self.context.task_timeout, self.tasks
             message["batches"] = [(b, [(i, tasks.wire(i)) for i in indices], limit)
                                   for b, indices in batches]
         return message
@@ -2865,52 +2957,59 @@ class HostRunner:
         that idles (no attempt counted: nothing failed)."""
         indices = [i for b in batch_ids if b in self.in_flight for i in self.in_flight.pop(b)]
         if indices:
-            self.run.board.put_back(indices)
+            self.board.put_back(indices)
             log.info("%s: %d waiting tasks move to idle hosts", self.host.label, len(indices))
 
     def _note_waiting(self, batch_ids):
         self.waiting = [b for b in batch_ids if b in self.in_flight]
-        self.run.board.note_waiting(self.host.number,
+        self.board.note_waiting(self.host.number,
                                     [i for b in self.waiting for i in self.in_flight[b]])
 
-    def _answered(self, batch_id, records):
-        """The records of a finished batch that belong to it.  A record of a task the batch
-        did not hold is dropped, and a task it held without a record goes back to the queue:
+    def _answered(self, batch_id, reports):
+        """The reports of a finished batch that belong to it.  A report of a task the batch
+        did not hold is dropped, and a task it held without a report goes back to the queue:
         whatever a worker answers, no result lands on another task and none is lost.  (A batch
-        given back earlier may still come in: its records are kept, a duplicate is dropped
+        given back earlier may still come in: its reports are kept, a duplicate is dropped
         when claimed.)"""
         indices = self.in_flight.pop(batch_id, None)
         if indices is None:
-            return [r for r in records if 0 <= r.get("index", -1) < len(self.run.tasks)]
+            return [r for r in reports if 0 <= r.get("index", -1) < len(self.tasks)]
         held = set(indices)
-        kept = [r for r in records if r.get("index") in held]
+        kept = [r for r in reports if r.get("index") in held]
         unanswered = held - {r["index"] for r in kept}
-        if len(kept) != len(records) or unanswered:
-            log.warning("%s answered batch %d with %d records for %d tasks: %d dropped, %d run again",
-                        self.host.label, batch_id, len(records), len(indices),
-                        len(records) - len(kept), len(unanswered))
-        self.run.board.release([i for i in indices if i not in unanswered])
+        if len(kept) != len(reports) or unanswered:
+            log.warning("%s answered batch %d with %d reports for %d tasks: %d dropped, %d run "
+                        "again", self.host.label, batch_id, len(reports), len(indices),
+                        len(reports) - len(kept), len(unanswered))
+        self.board.release([i for i in indices if i not in unanswered])
         if unanswered:
-            self._fail_tasks(self.run.board.give_back(sorted(unanswered), "the worker lost its result"))
+            self._fail_tasks(self.board.give_back(sorted(unanswered), "the worker lost its result"))
         return kept
 
     def save_arrived(self):
         arrived, self.arrived = self.arrived, []
         if arrived:
-            self.run.accept(self.host, arrived)
+            self.settle(arrived)
+
+    def settle(self, reports):
+        """Claim the outcomes in `reports` (each task's first outcome wins), mark them finished on
+        the board and save them as file records."""
+        claimed = self.store.claim(self.host, reports)
+        self.board.finish([report["index"] for report in claimed])
+        self.store.save(self.host, claimed)
 
     def idle(self):
         """Nothing in flight and nothing to take: tell the user once, then wait for news."""
-        if not self.run.board.pending:
+        if not self.board.pending:
             self.tell_finished()
-        with self.run.board.hungry(self.slots):
-            self.run.board.wait(self.run.settings.interval_polling)
+        with self.board.hungry(self.slots):
+            self.board.wait(self.context.interval_polling)
 
     def tell_finished(self):
         """handle_finish_machine, once per connection to the host."""
         if not self.finished_told:
             self.finished_told = True
-            self.run.call_user("handle_finish_machine", self.host.uri, self.run.settings.name)
+            self.call_user("handle_finish_machine", self.host.uri, self.context.name)
 
     def collect_last(self):
         """At the run's end or stop: pick up results already waiting and say goodbye (the
@@ -2927,10 +3026,11 @@ class HostRunner:
         acks, self.acks = self.acks, []
         return acks
 
-    def _learn(self, record):
-        if record.get("started") and record["ok"]:
-            seconds = record["ended"] - record["started"]
-            self.mean_task = seconds if self.mean_task is None else 0.8 * self.mean_task + 0.2 * seconds
+    def _learn(self, report):
+        if report.get("started") and report["ok"]:
+            seconds = report["ended"] - report["started"]
+            mean = self.mean_task
+            self.mean_task = seconds if mean is None else 0.8 * mean + 0.2 * seconds
 
     def _check_boot(self, boot):
         if boot != self.client.boot:
@@ -2945,11 +3045,11 @@ class HostRunner:
         charged = [i for b in batch_ids if b not in waiting for i in self.in_flight[b]]
         for batch_id in batch_ids:
             del self.in_flight[batch_id]
-        self.run.board.put_back(free)
-        self._fail_tasks(self.run.board.give_back(charged, reason, died))
+        self.board.put_back(free)
+        self._fail_tasks(self.board.give_back(charged, reason, died))
         if free or charged:
-            log.info("%s: %d tasks go back to the queue (%s)", self.host.label, len(free) + len(charged),
-                     reason)
+            log.info("%s: %d tasks go back to the queue (%s)", self.host.label,
+                     len(free) + len(charged), reason)
         return charged
 
     def verdict(self):
@@ -2967,30 +3067,31 @@ class HostRunner:
         suspects, self.suspects = self.suspects, []
         if died and suspects:
             log.info("%s: the worker died with %d tasks", self.host.label, len(suspects))
-            self._fail_tasks(self.run.board.count_deaths(suspects))
+            self._fail_tasks(self.board.count_deaths(suspects))
 
     def _fail_tasks(self, failed):
         for index, why in failed:
-            self.run.accept(self.host, [error_record(index, why, "TaskLost: " + why)])
+            self.settle([error_record(index, why, "TaskLost: " + why)])
 
     def lost(self, error, died):
         """A request failed: requeue the host's tasks and mark it down (or refusing) until it
         answers again.  `died`: the verdict() on the worker, if any; without one, a broken
         line waits for the next connect() to tell (see the class docstring)."""
         if self.up:
-            self.run.board.add_slots(-self.slots)
+            self.board.add_slots(-self.slots)
         self.up = False
         self.client.forget()
         self.save_arrived()
         reason = str(error)
-        indices = self._give_back(list(self.in_flight), reason, died=error.kind == RESTARTED or died)
+        died = error.kind == RESTARTED or died
+        indices = self._give_back(list(self.in_flight), reason, died)
         self._note_waiting(())
         if died is None and error.kind in (GONE, TIMEOUT):
             self.suspects += indices
         if error.kind == REFUSED:
-            self.run.fleet.refuse(self.host, reason)
+            self.fleet.refuse(self.host, reason)
         else:
-            self.run.fleet.mark(self.host, False)
+            self.fleet.mark(self.host, False)
         if reason != self.down_reason:
             log.warning("%s is %s: %s (retrying in the background)", self.host.label,
                         "refusing work" if error.kind == REFUSED else "down", reason)
@@ -3344,11 +3445,11 @@ class RunLock:
 
 
 class ContentIndex:
-    """A multiset of tasks matched by equality (==), not by pickle bytes.
+    """A multiset of tasks matched by content (same_task), not by pickle bytes.
 
     Tasks are bucketed by a hash of a frozen copy (dicts and sets become
     frozensets, so insertion order and string-hash seeds do not matter);
-    tasks that cannot be frozen share one bucket.  Within a bucket == decides.
+    tasks that cannot be frozen share one bucket.  Within a bucket same_task decides.
     """
 
     def __init__(self, tasks):
@@ -3360,19 +3461,25 @@ class ContentIndex:
         """Remove one task equal to `task`; True if there was one."""
         bucket = self.buckets.get(content_key(task), [])
         for position, candidate in enumerate(bucket):
-            if safe_equal(candidate, task):
+            if same_task(candidate, task):
                 del bucket[position]
                 return True
         return False
 
 
 def freeze(value):
+    """A hashable copy of `value` that is equal where the tasks are equal: dicts and sets as
+    frozensets, lists and tuples as tuples tagged with their type, a NaN as ("nan",) (a NaN
+    equals nothing, itself included: a task holding one would never match its saved result).
+    TypeError when a part cannot be hashed."""
     if isinstance(value, dict):
         return ("dict", frozenset((freeze(k), freeze(v)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
         return ("set", frozenset(freeze(v) for v in value))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(freeze(v) for v in value))
+    if isinstance(value, float) and value != value:
+        return ("nan",)
     hash(value)
     return value
 
@@ -3384,7 +3491,14 @@ def content_key(task):
         return "unhashable"
 
 
-def safe_equal(a, b):
+def same_task(a, b):
+    """Whether two tasks are the same by content: their frozen copies are equal (so a NaN
+    matches a NaN), or for tasks that cannot be frozen, == says so, or (when == raises) their
+    pickles are equal."""
+    try:
+        return freeze(a) == freeze(b)
+    except Exception:
+        pass
     try:
         return bool(a == b)
     except Exception:
@@ -3435,7 +3549,7 @@ def latest_outcomes(records):
     for outcomes in by_index.values():
         kept = []
         for record in sorted(outcomes, key=outcome_order, reverse=True):
-            if not any(safe_equal(record["task"], newer["task"]) for newer in kept):
+            if not any(same_task(record["task"], newer["task"]) for newer in kept):
                 kept.append(record)
         latest += kept
     return latest
@@ -3480,157 +3594,81 @@ def load_results(name=None, folder=".", errors=False, run=None):
 # A manager run: tasks, board, threads, files, progress and summary
 # ====================================================================
 
-class Run:
-    """Everything one manager run shares between its host threads."""
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a manager run fixed at its start, read by all its parts (frozen: read without a
+    lock).  Made by RunContext.of() from the command line's settings."""
+    id: str                  # random, per manager run: a worker keeps each run's batches apart
+    name: str                # the run's name, in every file name and file record
+    folder: str              # where the result files go
+    stamp: str               # from claim_stamp(): in every file name of this run
+    fresh: bool              # a new run starts over; a resume goes on with the newest one
+    script: str              # the user's script's file name, in every file record
+    resume_hint: str         # the shell command that finishes this run
+    key: object              # bytes, or None with --insecure (each HostClient has its Codec)
+    tls: object              # ssl.SSLContext for https workers (--cafile), or None
+    manifest: dict           # {relative path: sha256} of our code: see "The code of a run"
+    timeout: float           # the knobs below are the settings of the same names
+    keepalive: bool
+    max_reply: int
+    interval_polling: float
+    task_timeout: object     # seconds, or None
+    chunksize: int
+    speculate: bool
+    max_push: int
+    pack: bool
+    max_attempts: int
+    max_deaths: int
+    give_up_after: float
 
-    def __init__(self, job, settings, tasks, indices, hosts, key, tls, stamp, resume_hint, fresh):
-        self.job, self.settings, self.hosts, self.tls = job, settings, hosts, tls
-        self.id = secrets.token_hex(6)
-        self.stamp = stamp               # from claim_stamp(): in every file name of this run
-        self.resume_hint = resume_hint   # the shell command that finishes this run
-        self.fresh = fresh               # a new run starts over; a resume goes on with one
-        self.key = key                   # each HostClient signs with a Codec (a session) of its own
-        self.manifest = code_manifest(job.files)   # {relative path: sha256}: see "The code of a run"
-        self.code = manifest_digest(self.manifest)
-        self.tasks = tasks               # Tasks: the manager's one copy of each
-        self.mean_task_bytes = sum(tasks.size(i) for i in indices) / max(1, len(indices))
-        self.board = TaskBoard(indices, settings.max_attempts, settings.max_deaths)
-        self.fleet = Fleet(hosts)
+    KNOBS = ("name", "folder", "timeout", "keepalive", "max_reply", "interval_polling",
+             "task_timeout", "chunksize", "speculate", "max_push", "pack", "max_attempts",
+             "max_deaths", "give_up_after")
+
+    @classmethod
+    def of(cls, settings, **fixed):
+        """The context of a run with these settings; `fixed` gives the fields that are not
+        settings (stamp, fresh, resume_hint, key, tls, manifest)."""
+        script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
+        return cls(id=secrets.token_hex(6), script=script,
+                   **{knob: getattr(settings, knob) for knob in cls.KNOBS}, **fixed)
+
+
+class Tally:
+    """The counts of the outcomes written so far, for the progress line, the live page, the
+    summary and the exit code.  One lock guards every field; readers get copies."""
+
+    def __init__(self):
         self.lock = threading.Lock()
-        self.batch_counter = 0
-        self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # host label -> [done, failed, task seconds]
         self.done = self.failed = self.duplicates = 0
+        self.per_host = collections.defaultdict(lambda: [0, 0, 0.0])   # label -> done, failed, s
         self.failures = collections.OrderedDict()    # exception -> [count, a traceback, indices]
-        self.task_times = TaskTimes()    # how long calc took: a histogram (under self.lock too)
-        self.cannot_save = None          # why a result file could not be written: the run stops
-        self.writer = ResultWriter(self)
-        self.started = time.monotonic()
-        self.timeline = Timeline(self.started)
-        self.runners = []                # each host's HostRunner, set by drive() (for the page)
-        self.script = os.path.basename(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "oden.py"
+        self.task_times = TaskTimes()                # how long calc took: a histogram
 
-    def new_batch_id(self):
+    def add(self, label, record):
+        """Count a file record written for host `label`."""
+        ok = "result" in record
         with self.lock:
-            self.batch_counter += 1
-            return self.batch_counter
-
-    def accept(self, host, records):
-        """Claim the outcomes that arrived together, each task once (a task already
-        finished is a dropped duplicate), and save them: with --pack through the
-        writer thread (group commit), else here, in the host's thread."""
-        fresh = [self._contents(host, record) for record in records if self._claim(host, record["index"])]
-        if fresh and self.settings.pack:
-            self.writer.put(host, fresh)
-        elif fresh:
-            self.save(host, fresh)
-
-    def save(self, host, fresh):
-        """Write the files of claimed outcomes, count them, log errors.  An outcome that cannot
-        be turned into a file becomes that task's error record; a file that cannot be written
-        (disk full, permissions) stops the run and its tasks stay unfinished for resume."""
-        try:
-            written = self._write_all(host, fresh)
-        except OSError as e:
-            for contents in fresh:
-                self.board.reopen(contents["index"])
-            self.cannot_save = "cannot write a result file in %s (%s): free some disk space or fix the " \
-                               "folder's permissions" % (os.path.abspath(self.settings.folder), e.strerror or e)
-            self.board.stop()
-            return
-        done = [contents for contents in written if "result" in contents]
-        if done:
-            log.debug("tasks %s done on %s", [c["index"] for c in done], host.label)
-        for contents in written:
-            self._count(host, contents)
-        self.timeline.mark_first(sum(self.counts()))
-        for contents in written:
-            if "error" in contents:
-                output = contents["output"]
-                log.error("task %d failed on %s: %s\n%s%s", contents["index"], host.label,
-                          printable(contents["exception"]), printable(contents["error"].rstrip()),
-                          ("\n--- what it printed ---\n" + printable(output.rstrip())) if output else "")
-
-    def _write_all(self, host, fresh):
-        """Write `fresh` (a pack of the successes with --pack) and return what the files hold."""
-        done = [contents for contents in fresh if "result" in contents]
-        if self.settings.pack and done:
-            try:
-                self._write(host, done[0]["index"], PACK_SUFFIX, done)
-                return done + [self._write_one(host, c) for c in fresh if "result" not in c]
-            except OSError:
-                raise
-            except Exception:                # a result that cannot be pickled: one by one
-                pass
-        return [self._write_one(host, contents) for contents in fresh]
-
-    def _write_one(self, host, contents):
-        try:
-            self._write(host, contents["index"], DONE_SUFFIX if "result" in contents else ERROR_SUFFIX,
-                        contents)
-        except OSError:
-            raise
-        except Exception as e:               # its result cannot be pickled here
-            contents = self._as_error(contents, "the result arrived but cannot be saved", e)
-            self._write(host, contents["index"], ERROR_SUFFIX, contents)
-        return contents
-
-    @staticmethod
-    def _as_error(contents, what, exception):
-        """The error record of a task whose outcome could not be used: `what`, and why."""
-        contents = {k: v for k, v in contents.items() if k != "result"}
-        contents.update(error="%s on the manager:\n%s" % (what, traceback.format_exc()),
-                        exception="%s: %s" % (what, one_line(exception)))
-        return contents
-
-    def _claim(self, host, index):
-        if self.board.finish(index):
-            return True
-        with self.lock:
-            self.duplicates += 1
-        log.info("duplicate result for task %d from %s: kept the first", index, host.label)
-        return False
-
-    def _contents(self, host, record):
-        """The dict a result file holds (see README.md "Result files")."""
-        index = record["index"]
-        contents = {"name": self.settings.name, "index": index, "task": self.tasks.task(index),
-                    "host": host.label, "started": record.get("started"), "ended": record.get("ended"),
-                    "output": record.get("output", ""), "run": self.stamp, "script": self.script,
-                    "fresh": self.fresh}
-        if not record["ok"]:
-            contents.update(error=record["error"], exception=record["exception"])
-            return contents
-        try:
-            contents["result"] = pickle.loads(record["result"])
-        except Exception as e:
-            contents = self._as_error(contents, "the result cannot be unpickled", e)
-        return contents
-
-    def _write(self, host, index, suffix, record):
-        name = result_file_name(self.settings.name, host.number, self.stamp, index, suffix)
-        write_atomically(os.path.join(self.settings.folder, name),      # pickled straight to disk:
-                         lambda f: pickle.dump(record, f, PICKLE_PROTOCOL))   # a big result is not copied
-
-    def _count(self, host, contents):
-        ok = "result" in contents
-        with self.lock:
-            counts = self.per_host[host.label]
+            counts = self.per_host[label]
             counts[0 if ok else 1] += 1
-            if contents["started"]:
-                counts[2] += contents["ended"] - contents["started"]
-                self.task_times.add(contents["ended"] - contents["started"])
+            if record["started"]:
+                counts[2] += record["ended"] - record["started"]
+                self.task_times.add(record["ended"] - record["started"])
             if ok:
                 self.done += 1
-            else:
-                self.failed += 1
-                line = contents["exception"]
-                if line not in self.failures and len(self.failures) >= FAILURE_GROUPS:
-                    line = line.split(":")[0] + ": (and other messages)"     # memory stays bounded
-                group = self.failures.setdefault(line, [0, contents["error"], []])
-                group[0] += 1
-                group[2].append(contents["index"])
+                return
+            self.failed += 1
+            line = record["exception"]
+            if line not in self.failures and len(self.failures) >= FAILURE_GROUPS:
+                line = line.split(":")[0] + ": (and other messages)"     # memory stays bounded
+            group = self.failures.setdefault(line, [0, record["error"], []])
+            group[0] += 1
+            group[2].append(record["index"])
 
-    # -- what the dashboard reads, each a copy taken under the lock ------------------------
+    def add_duplicate(self):
+        with self.lock:
+            self.duplicates += 1
+
     def counts(self):
         """(done, failed): outcomes whose files are written."""
         with self.lock:
@@ -3653,6 +3691,182 @@ class Run:
         with self.lock:
             return self.task_times.bins()
 
+
+class ResultStore:
+    """Turns the workers' reports into file records on disk: each task's outcome claimed once,
+    written once, counted in its Tally.
+
+    claim() keeps the first outcome of a task and drops a later one (a duplicate); save()
+    writes the claimed ones, in the calling host thread, or with --pack through the store's
+    writer thread, which puts whatever waits for one host into one file (one fsync for many
+    results: group commit).  A result file that cannot be written sets `failure` (why, and
+    what to do) and the run stops; those tasks have no file and resume runs them again, as it
+    does a claimed task whose file the manager died before writing.  The store never touches
+    the board.
+    """
+
+    def __init__(self, context, tasks):
+        self.context, self.tasks = context, tasks
+        self.tally = Tally()
+        self.lock = threading.Lock()     # guards `claimed` and `failure`
+        self.claimed = bytearray(len(tasks))     # index -> 1 once its outcome is claimed
+        self.failure = None              # why a file could not be written (read unlocked: set once)
+        self.changed = threading.Condition()     # guards the writer's queue below
+        self.queued = collections.OrderedDict()  # host -> [file records], in arrival order
+        self.queued_count = 0
+        self.closing = False
+        self.writer = threading.Thread(target=self._write_queued, name="writer", daemon=True)
+
+    def claim(self, host, reports):
+        """The reports whose task had no outcome yet, now claimed; a duplicate is dropped."""
+        claimed, duplicates = [], []
+        with self.lock:
+            for report in reports:
+                index = report["index"]
+                (duplicates if self.claimed[index] else claimed).append(report)
+                self.claimed[index] = 1
+        for report in duplicates:
+            self.tally.add_duplicate()
+            log.info("duplicate result for task %d from %s: kept the first", report["index"],
+                     host.label)
+        return claimed
+
+    def save(self, host, reports):
+        """Write the file records of claimed reports: here, or with --pack queued for the writer
+        (which blocks while WRITER_BACKLOG wait already, so memory stays flat when the disk is
+        slower than the workers)."""
+        if not reports:
+            return
+        records = [self.file_record(host, report) for report in reports]
+        if not self.context.pack:
+            self._write_all(host, records)
+            return
+        with self.changed:
+            while self.queued_count >= WRITER_BACKLOG and not self.closing:
+                self.changed.wait()
+            self.queued.setdefault(host, []).extend(records)
+            self.queued_count += len(records)
+            self.changed.notify_all()
+
+    def start(self):
+        self.writer.start()
+
+    def close(self):
+        """Write what is queued, then end the writer."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+        if self.writer.is_alive():
+            self.writer.join()
+
+    def _write_queued(self):
+        while True:
+            with self.changed:
+                while not self.queued and not self.closing:
+                    self.changed.wait()
+                if not self.queued:
+                    return
+                drained, self.queued, self.queued_count = self.queued, collections.OrderedDict(), 0
+                self.changed.notify_all()
+            for host, records in drained.items():
+                try:
+                    self._write_all(host, records)
+                except Exception:            # a bug: its tasks have no file, the run says so
+                    log.exception("the result writer failed on %d results", len(records))
+
+    def file_record(self, host, report):
+        """The dict a result file holds (see README.md "Result files") for a worker's report."""
+        index, context = report["index"], self.context
+        record = {"name": context.name, "index": index, "task": self.tasks.task(index),
+                  "host": host.label, "started": report.get("started"),
+                  "ended": report.get("ended"), "output": report.get("output", ""),
+                  "run": context.stamp, "script": context.script, "fresh": context.fresh}
+        if not report["ok"]:
+            record.update(error=report["error"], exception=report["exception"])
+            return record
+        try:
+            record["result"] = pickle.loads(report["result"])
+        except Exception as e:
+            record = self._as_error(record, "the result cannot be unpickled", e)
+        return record
+
+    def _write_all(self, host, records):
+        """Write the files of `records`, count them, log the errors.  A record that cannot be
+        pickled becomes that task's error record; a file that cannot be written (disk full,
+        permissions) sets `failure`."""
+        try:
+            written = self._write_files(host, records)
+        except OSError as e:
+            with self.lock:
+                self.failure = ("cannot write a result file in %s (%s): free some disk space or "
+                                "fix the folder's permissions"
+                                % (os.path.abspath(self.context.folder), e.strerror or e))
+            return
+        done = [record["index"] for record in written if "result" in record]
+        if done:
+            log.debug("tasks %s done on %s", done, host.label)
+        for record in written:
+            self.tally.add(host.label, record)
+            if "error" in record:
+                output = record["output"]
+                log.error("task %d failed on %s: %s\n%s%s", record["index"], host.label,
+                          printable(record["exception"]), printable(record["error"].rstrip()),
+                          ("\n--- what it printed ---\n" + printable(output.rstrip()))
+                          if output else "")
+
+    def _write_files(self, host, records):
+        """Write `records` (the successes as one pack with --pack); return what the files hold."""
+        done = [record for record in records if "result" in record]
+        if self.context.pack and done:
+            try:
+                self._write(host, done[0]["index"], PACK_SUFFIX, done)
+                return done + [self._write_one(host, r) for r in records if "result" not in r]
+            except OSError:
+                raise
+            except Exception:                # a result that cannot be pickled: one by one
+                pass
+        return [self._write_one(host, record) for record in records]
+
+    def _write_one(self, host, record):
+        try:
+            self._write(host, record["index"],
+                        DONE_SUFFIX if "result" in record else ERROR_SUFFIX, record)
+        except OSError:
+            raise
+        except Exception as e:               # its result cannot be pickled here
+            record = self._as_error(record, "the result arrived but cannot be saved", e)
+            self._write(host, record["index"], ERROR_SUFFIX, record)
+        return record
+
+    @staticmethod
+    def _as_error(record, what, exception):
+        """The error record of a task whose outcome could not be used: `what`, and why."""
+        record = {k: v for k, v in record.items() if k != "result"}
+        record.update(error="%s on the manager:\n%s" % (what, traceback.format_exc()),
+                      exception="%s: %s" % (what, one_line(exception)))
+        return record
+
+    def _write(self, host, index, suffix, record):
+        context = self.context
+        name = result_file_name(context.name, host.number, context.stamp, index, suffix)
+        write_atomically(os.path.join(context.folder, name),     # pickled straight to disk:
+                         lambda f: pickle.dump(record, f, PICKLE_PROTOCOL))   # no copy in memory
+
+
+class Run:
+    """The parts of one manager run, made at its start: its context, the tasks, the board, the
+    fleet, the result store and (set by drive()) a HostRunner per host."""
+
+    def __init__(self, job, context, tasks, indices, hosts):
+        self.job, self.context, self.tasks, self.hosts = job, context, tasks, hosts
+        self.board = TaskBoard(indices, context.max_attempts, context.max_deaths)
+        self.fleet = Fleet(hosts)
+        self.store = ResultStore(context, tasks)
+        self.tally = self.store.tally
+        self.started = time.monotonic()
+        self.timeline = Timeline(self.started)
+        self.runners = []                # each host's HostRunner, set by drive() (for the page)
+
     def call_user(self, function_name, *args):
         """Call a user hook; its exception is logged, never fatal to the run."""
         try:
@@ -3661,63 +3875,14 @@ class Run:
             log.exception("%s raised (the run goes on)", function_name)
 
 
-class ResultWriter(threading.Thread):
-    """With --pack, writes result files in the background, so host threads go on
-    talking to their workers during fsyncs, and whatever is waiting for a host when
-    the writer gets to it goes into one file: one fsync for many results (group commit).
-
-    A result is claimed on the board before it gets here; if the manager dies
-    before it is written, resume runs that task again.
-    """
-
-    def __init__(self, owner):
-        super().__init__(name="writer", daemon=True)
-        self.owner = owner
-        self.changed = threading.Condition()
-        self.waiting = collections.OrderedDict()     # host -> [contents], in arrival order
-        self.count = 0                               # results in self.waiting
-        self.closing = False
-
-    def put(self, host, fresh):
-        """Queue results; blocks while WRITER_BACKLOG wait already, so memory stays flat
-        when the disk is slower than the workers."""
-        with self.changed:
-            while self.count >= WRITER_BACKLOG and not self.closing:
-                self.changed.wait()
-            self.waiting.setdefault(host, []).extend(fresh)
-            self.count += len(fresh)
-            self.changed.notify_all()
-
-    def close(self):
-        """Write what is waiting, then end."""
-        with self.changed:
-            self.closing = True
-            self.changed.notify()
-        self.join()
-
-    def run(self):
-        while True:
-            with self.changed:
-                while not self.waiting and not self.closing:
-                    self.changed.wait()
-                if not self.waiting:
-                    return
-                drained, self.waiting, self.count = self.waiting, collections.OrderedDict(), 0
-                self.changed.notify_all()
-            for host, fresh in drained.items():
-                try:
-                    self.owner.save(host, fresh)
-                except Exception:            # a bug: its tasks stay unfinished, the run says so
-                    log.exception("the result writer failed on %d results", len(fresh))
-
-
 def pickle_task(index, task):
     """The task's pickle; OdenError naming the task when it cannot travel."""
     try:
         return dumps(task)
     except Exception as e:
-        raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as numbers, strings, "
-                        "tuples, lists and dicts, not lambdas or open files" % (index, one_line(e)))
+        raise OdenError("task %d cannot be pickled (%s): tasks must be plain data such as "
+                        "numbers, strings, tuples, lists and dicts, not lambdas or open files"
+                        % (index, one_line(e)))
 
 
 def pickle_tasks(tasks):
@@ -3736,14 +3901,17 @@ class Tasks:
     def __init__(self, tasks):
         self.entries = []                # index -> pickle (bytes), or the task itself when big
         self.big = {}                    # index -> size of its pickle, for the big ones
+        total = 0
         for index, task in enumerate(tasks):
             data = pickle_task(index, task)
+            total += len(data)
             if len(data) < OUT_OF_BAND:
                 self.entries.append(data)
             else:
                 self.entries.append(task)
                 self.big[index] = len(data)
             tasks[index] = data = None   # the caller's list lets go of it: one copy
+        self.mean_size = total / max(1, len(self.entries))     # bytes of a task's pickle
 
     def __len__(self):
         return len(self.entries)
@@ -3798,7 +3966,7 @@ class Progress:
     def line(self, width=None):
         """The progress text, with fields as short as `width` columns need (None: in full)."""
         run = self.run
-        done, failed = run.counts()
+        done, failed = run.tally.counts()
         _, in_flight, _ = run.board.counts()
         finished, total = done + failed, run.board.total
         rate = run.timeline.rate(finished)
@@ -3874,11 +4042,13 @@ def format_duration(seconds):
 
 def summary_table(run):
     rows = [("host", "done", "failed", "mean task s")]
+    per_host = run.tally.host_counts()
     for host in run.hosts:
-        done, failed, seconds = run.per_host.get(host.label, (0, 0, 0.0))
+        done, failed, seconds = per_host.get(host.label, (0, 0, 0.0))
         rows.append((host.label, str(done), str(failed), "%.3f" % (seconds / (done + failed)) if done + failed else "-"))
-    seconds, count = sum(s for _, _, s in run.per_host.values()), run.done + run.failed
-    rows.append(("total", str(run.done), str(run.failed), "%.3f" % (seconds / count) if count else "-"))
+    (done, failed), seconds = run.tally.counts(), sum(s for _, _, s in per_host.values())
+    count = done + failed
+    rows.append(("total", str(done), str(failed), "%.3f" % (seconds / count) if count else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in rows)
@@ -3923,11 +4093,11 @@ def setup_logging(verbose=0, quiet=False, log_path=None):
         root.addHandler(handler)
 
 
-def run_manager(job, settings, resume, argv, stamp=None):
-    """A whole manager (or resume) run; returns the exit code.  `argv` is the command line
-    (for the resume hint); `stamp` is given by `local`, which asked confirm_new_run() and
+def run_manager(job, settings, hosts, resume, argv, stamp=None):
+    """A whole manager (or resume) run on `hosts`; returns the exit code.  `argv` is the command
+    line (for the resume hint); `stamp` is given by `local`, which asked confirm_new_run() and
     claimed the stamp before it started its workers."""
-    folder, name, hosts = settings.folder, settings.name, settings.host_list
+    folder, name = settings.folder, settings.name
     hint = resume_command(argv)
     if stamp is None:
         if not resume:
@@ -3943,17 +4113,15 @@ def run_manager(job, settings, resume, argv, stamp=None):
             log.info("removed %d temporary files left by an interrupted run", removed)
         indices = tasks_to_run(tasks, folder, name, on_bad=lambda p, why: log.warning(
             "unreadable result file %s (%s): its task will run again", p, why))
-        log.info("resume: %d of %d tasks have a saved success; %d to run", len(tasks) - len(indices),
-                 len(tasks), len(indices))
+        log.info("resume: %d of %d tasks have a saved success; %d to run",
+                 len(tasks) - len(indices), len(tasks), len(indices))
     else:
         indices = list(range(len(tasks)))
-    tls = client_tls(settings.cafile)
-    if tls:
-        for host in hosts:
-            host.scheme = "https"
-    run = Run(job, settings, Tasks(tasks), indices, hosts, key, tls, stamp, hint, not resume)
+    context = RunContext.of(settings, stamp=stamp, fresh=not resume, resume_hint=hint, key=key,
+                            tls=client_tls(settings.cafile), manifest=code_manifest(job.files))
+    run = Run(job, context, Tasks(tasks), indices, hosts)
     log.info("run %r: %d tasks on %d hosts; log in %s", name, len(indices), len(hosts), log_path)
-    return drive(run)
+    return drive(run, getattr(settings, "dashboard", None), settings.quiet)
 
 
 def user_tasks(job, log_path=None):
@@ -3966,34 +4134,38 @@ def user_tasks(job, log_path=None):
             log.error("make_tasks() raised:\n%s", traceback.format_exc(), extra=FILE_ONLY)
         else:
             traceback.print_exc()
-        raise OdenError("make_tasks() raised %s: fix make_tasks%s"
-                        % (printable(one_line(e)), " (its traceback is in %s)" % log_path if log_path else ""))
+        where = " (its traceback is in %s)" % log_path if log_path else ""
+        raise OdenError("make_tasks() raised %s: fix make_tasks%s" % (printable(one_line(e)), where))
 
 
-def drive(run):
+def drive(run, dashboard_address=None, quiet=False):
     """Start the host threads, show progress, stop on completion, Ctrl-C or SIGTERM, a dead
-    fleet, a fleet that refuses us, or a result file that cannot be written."""
-    settings, board = run.settings, run.board
-    dashboard = Dashboard(run, settings.dashboard) if getattr(settings, "dashboard", None) else None
-    progress = Progress(run, sys.stderr, settings.quiet)
+    fleet, a fleet that refuses us, or a result file that cannot be written; return the exit
+    code.  `dashboard_address`: (host, port) of the live page, or None; `quiet`: no progress
+    line."""
+    board, store = run.board, run.store
+    dashboard = Dashboard(run, dashboard_address) if dashboard_address else None
+    progress = Progress(run, sys.stderr, quiet)
     interrupted = gave_up = None
     refusals = None
-    run.writer.start()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)), thread_name_prefix="host")
+    store.start()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run.hosts)),
+                                                 thread_name_prefix="host")
     run.runners = [HostRunner(run, host) for host in run.hosts]
     futures = [pool.submit(runner) for runner in run.runners]
     try:
         while not board.finished and not board.stopping:
-            board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)   # not wait(): one redraw per period
-            run.timeline.sample(*run.counts())
+            # sleep(), not wait(): one redraw a period, not one a result
+            board.sleep(PROGRESS_TTY_EVERY if progress.tty else 1.0)
+            run.timeline.sample(*run.tally.counts())
             progress.tick()
             refusals = run.fleet.every_host_refuses()
-            gave_up = run.fleet.down_for() > settings.give_up_after
-            if refusals or gave_up or all(future.done() for future in futures):
+            gave_up = run.fleet.down_for() > run.context.give_up_after
+            if refusals or gave_up or store.failure or all(f.done() for f in futures):
                 break
     except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM as Terminated
         interrupted = getattr(e, "exit_code", 130)
-        signal.signal(signal.SIGINT, lambda *_: os._exit(interrupted))    # a second one leaves at once
+        signal.signal(signal.SIGINT, lambda *_: os._exit(interrupted))    # a second one: at once
         signal.signal(signal.SIGTERM, lambda *_: os._exit(interrupted))
         progress.close()
         log.warning("%s: stopping; results that have arrived are saved (Ctrl-C again to quit now)",
@@ -4001,7 +4173,7 @@ def drive(run):
     board.stop()
     concurrent.futures.wait(futures)
     pool.shutdown()
-    run.writer.close()
+    store.close()
     progress.close()
     for future in futures:
         if future.exception():
@@ -4015,16 +4187,17 @@ def drive(run):
 
 def conclude(run, interrupted, gave_up, refusals):
     """The summary, the last word and the exit code.  Never 0 while a task has no file."""
-    settings = run.settings
+    context = run.context
     _, _, unfinished = run.board.counts()
-    missing = run.board.total - run.done - run.failed
+    done, failed = run.tally.counts()
+    missing = run.board.total - done - failed
     log.info("summary:\n%s", summary_table(run))
-    log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed", run.done, run.failed,
-             missing, run.duplicates, format_seconds(time.monotonic() - run.started))
+    log.info("%d done, %d failed, %d not run, %d duplicates dropped, %s elapsed", done, failed,
+             missing, run.tally.duplicates, format_seconds(time.monotonic() - run.started))
     write_report(run)
-    finish = "run '%s' to finish them" % run.resume_hint
-    if run.cannot_save:
-        log.error("stopped: %s; then %s", run.cannot_save, finish)
+    finish = "run '%s' to finish them" % context.resume_hint
+    if run.store.failure:
+        log.error("stopped: %s; then %s", run.store.failure, finish)
         return 2
     if refusals:
         for reason, labels in refusals.items():
@@ -4034,19 +4207,19 @@ def conclude(run, interrupted, gave_up, refusals):
         return 2
     if gave_up:
         log.error("every host has been down for over %d s: stopping with %d tasks left; %s",
-                  settings.give_up_after, missing, finish)
+                  context.give_up_after, missing, finish)
         return 3
     if interrupted:
         log.warning("%d tasks left; %s", missing, finish)
         return interrupted
     if missing or unfinished:
-        log.error("%d tasks have no result file (see the errors above); %s", max(missing, unfinished),
-                  finish)
+        log.error("%d tasks have no result file (see the errors above); %s",
+                  max(missing, unfinished), finish)
         return 1
     run.call_user("handle_finish_tasks")
-    if run.failed:
+    if failed:
         log.warning("%d tasks failed: see their .error.pickle files, fix calc and run '%s' to run "
-                    "them again (the fix is pushed to the workers)", run.failed, run.resume_hint)
+                    "them again (the fix is pushed to the workers)", failed, context.resume_hint)
         return 1
     return 0
 
@@ -4070,7 +4243,8 @@ def load_or_create_key(key_file):
     key = load_key(key_file)
     if key is None:
         path = create_key(key_file)
-        log.warning("created the key file %s: copy it with the project to every worker and restart them", path)
+        log.warning("created the key file %s: copy it with the project to every worker and "
+                    "restart them", path)
         key = load_key(key_file)
     return key
 
@@ -4080,11 +4254,11 @@ def confirm_new_run(folder, name, yes, resume_hint):
     if yes or next(iter(run_records(folder, name)), None) is None and \
             next(iter(run_records(folder, name, errors=True)), None) is None:
         return
-    question = ("result files of run %r exist in %s. Start a new run anyway (their files stay)? [y/N] "
-                % (name, os.path.abspath(folder)))
+    question = ("result files of run %r exist in %s. Start a new run anyway (their files "
+                "stay)? [y/N] " % (name, os.path.abspath(folder)))
     if not sys.stdin.isatty():
-        raise OdenError("result files of run %r exist in %s: pass --yes to start a new run anyway, or "
-                        "run '%s' to run only what is missing"
+        raise OdenError("result files of run %r exist in %s: pass --yes to start a new run "
+                        "anyway, or run '%s' to run only what is missing"
                         % (name, os.path.abspath(folder), resume_hint))
     if input(question).strip().lower() not in ("y", "yes"):
         raise OdenError("not started: run '%s' to run only what is missing" % resume_hint)
@@ -4104,8 +4278,8 @@ def confirm_new_run(folder, name, yes, resume_hint):
 class Timeline:
     """Tasks finished over time, for the rate, the ETA and the plot: at most TIMELINE_POINTS
     samples (seconds since the start, done, failed) spanning the whole run; when full, every
-    other one goes and samples come half as often.  `first` is (seconds, finished) when the
-    first outcomes were counted: the rate is measured from there, not from the start."""
+    other one goes and samples come half as often.  `first` is (seconds, finished) of the
+    first sample with outcomes: the rate is measured from there, not from the start."""
     SETTLE = 0.25                        # seconds after the first result before a rate is told
 
     def __init__(self, started):
@@ -4115,17 +4289,13 @@ class Timeline:
         self.samples = [(0.0, 0, 0)]
         self.first = None
 
-    def mark_first(self, finished):
-        """Called by Run after it counted outcomes; only the first call counts."""
-        if self.first is None:           # set once, then only read: the lock only for setting it
-            with self.lock:
-                if self.first is None:
-                    self.first = (time.monotonic() - self.started, finished)
-
     def sample(self, done, failed):
-        """Called by the drive loop every period; keeps one sample per `every` s."""
+        """Called by the drive loop every period; keeps one sample per `every` s, and the first
+        with outcomes as `first`."""
         at = time.monotonic() - self.started
         with self.lock:
+            if self.first is None and done + failed:
+                self.first = (at, done + failed)
             if at - self.samples[-1][0] < self.every:
                 return
             self.samples.append((at, done, failed))
@@ -4185,12 +4355,12 @@ class TaskTimes:
 def run_state(run):
     """What the live page, /status.json and the report show (see README.md "The live page").
     Every figure is read through a locked accessor; O(hosts + tasks in flight), not O(tasks)."""
-    done, failed = run.counts()
+    done, failed = run.tally.counts()
     _, in_flight, _ = run.board.counts()
     total, finished = run.board.total, done + failed
     rate = run.timeline.rate(finished)
     up, refused = run.fleet.snapshot()
-    per_host = run.host_counts()
+    per_host = run.tally.host_counts()
     views = {runner.host.number: runner.snapshot() for runner in run.runners}
     ages = run.board.ages([index for view in views.values() for index in view["tasks"]])
     hosts, running = [], []
@@ -4211,20 +4381,20 @@ def run_state(run):
                       "failed": host_failed,
                       "mean_task_seconds": seconds / outcomes if outcomes else None,
                       "oldest_running_seconds": max(mine)[0] if mine else None})
-    times = run.task_time_bins()
+    times = run.tally.task_time_bins()
     state = "finished" if run.board.finished else "stopped" if run.board.stopping else "running"
     elapsed = time.monotonic() - run.started
     if state != "running":               # the report: the mean rate of the whole run
         rate = finished / elapsed if elapsed > 0 else None
     return {
-        "name": run.settings.name, "run": run.stamp, "state": state, "elapsed_seconds": elapsed,
+        "name": run.context.name, "run": run.context.stamp, "state": state, "elapsed_seconds": elapsed,
         "total": total, "done": done, "failed": failed, "in_flight": in_flight,
         "left": max(0, total - finished - in_flight),
         "rate_per_second": rate,
         "eta_seconds": (total - finished) / rate if rate and state == "running" else None,
         "hosts": hosts,
         "failures": [{"exception": line, "count": count, "tasks": indices, "traceback": error}
-                     for line, count, error, indices in run.failure_groups()[:PAGE_ROWS]],
+                     for line, count, error, indices in run.tally.failure_groups()[:PAGE_ROWS]],
         "slowest": [{"task": index, "host": label, "seconds": age}
                     for age, index, label in sorted(running, reverse=True)[:PAGE_ROWS]],
         "timeline": [list(point) for point in run.timeline.points()],
@@ -4630,7 +4800,8 @@ class Dashboard:
 
 def write_report(run):
     """The run's page, frozen, as {name}_{stamp}.html beside its log; logs where it is."""
-    path = os.path.join(run.settings.folder, report_file_name(run.settings.name, run.stamp))
+    context = run.context
+    path = os.path.join(context.folder, report_file_name(context.name, context.stamp))
     try:
         page = render_page(run_state(run), live=False).encode("utf-8")
         write_atomically(path, lambda f: f.write(page))
@@ -4661,8 +4832,8 @@ def run_local(job, settings, argv):
         for _ in range(settings.workers):
             workers.append(start_worker_process(os.path.abspath(sys.argv[0]), env, slots, worker_log,
                                                 settings.threads))
-        settings.host_list = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
-        return run_manager(job, settings, settings.resume, argv, stamp)
+        hosts = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
+        return run_manager(job, settings, hosts, settings.resume, argv, stamp)
     finally:
         for process, _ in workers:
             stop_process(process)
@@ -4816,13 +4987,9 @@ def why_unusable(host, key, settings, tls, manifest):
     return None
 
 
-def run_status(job, settings):
+def run_status(job, settings, hosts):
     """The `status` command: every host's state, and whether it would take our work and why not."""
     tls = client_tls(settings.cafile)
-    hosts = settings.host_list
-    if tls:
-        for host in hosts:
-            host.scheme = "https"
     key, manifest = load_key(settings.key_file), code_manifest(job.files)
 
     def probe(host):
@@ -4848,17 +5015,13 @@ def run_status(job, settings):
     return 0 if not any(problem for _, problem in probes) else 1
 
 
-def run_push(job, settings):
+def run_push(job, settings, hosts):
     """Bring every host's code to ours without running a task: one line a host."""
     key = load_key(settings.key_file)
     if key is None:
         raise OdenError("no key: pushes need one. Run 'python3 oden.py init' and copy the project "
                         "with %s to the workers once" % KEY_FILE)
     manifest, tls = code_manifest(job.files), client_tls(settings.cafile)
-    hosts = settings.host_list
-    if tls:
-        for host in hosts:
-            host.scheme = "https"
     log.info("code %s: %d files", manifest_digest(manifest), len(manifest))
 
     def push_one(host):
@@ -5216,11 +5379,14 @@ def dispatch(job, settings, argv):
     if settings.command == "results":
         return run_results(settings)
     setup_logging(getattr(settings, "verbose", 0), getattr(settings, "quiet", False))
-    settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
+    hosts = None
+    if settings.command != "local":
+        scheme = "https" if getattr(settings, "cafile", None) else "http"
+        hosts = read_hosts(job.hosts, settings.hosts_file, scheme)
     if settings.command == "status":
-        return run_status(job, settings)
+        return run_status(job, settings, hosts)
     if settings.command == "push":
-        return run_push(job, settings)
+        return run_push(job, settings, hosts)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, raise_terminated)
     with contextlib.ExitStack() as stack:
@@ -5228,7 +5394,7 @@ def dispatch(job, settings, argv):
             stack.enter_context(RunLock(settings.folder, settings.name))
         if settings.command == "local":
             return run_local(job, settings, argv)
-        return run_manager(job, settings, settings.command == "resume", argv)
+        return run_manager(job, settings, hosts, settings.command == "resume", argv)
 
 
 def main(argv=None, **user_settings):

@@ -1,5 +1,6 @@
 """The in-process layer: the manager's bookkeeping, names and text, without sockets or
 processes (milliseconds each).  The scenario tests beside it run the same code for real."""
+import argparse
 import io
 import logging
 import os
@@ -15,43 +16,64 @@ sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402
 
 
-class StubRun:
-    """What a HostRunner needs of its run, recording what it is asked to save."""
-
-    def __init__(self, tasks, max_attempts=5, max_deaths=3):
-        self.tasks = oden.Tasks(list(tasks))
-        self.board = oden.TaskBoard(range(len(tasks)), max_attempts, max_deaths)
-        self.accepted = []
-
-    def accept(self, host, records):
-        for record in records:
-            if self.board.finish(record["index"]):
-                self.accepted.append(record)
+def run_context(folder, **knobs):
+    """The context of a manager run writing into `folder`, with the command line's defaults."""
+    settings = dict(name="t", folder=folder, timeout=5, keepalive=True, max_reply=oden.MAX_REPLY,
+                    interval_polling=1, task_timeout=None, chunksize=0, speculate=False,
+                    max_push=oden.MAX_PUSH, pack=False, max_attempts=5, max_deaths=3,
+                    give_up_after=300)
+    settings.update(knobs)
+    return oden.RunContext.of(argparse.Namespace(**settings), stamp="20261130-000000", fresh=True,
+                              resume_hint="oden.py resume", key=None, tls=None, manifest={})
 
 
-class StubRunner(oden.HostRunner):
-    def __init__(self, run, max_body=oden.MAX_BODY):
-        self.run, self.host = run, oden.Host(1, "127.0.0.1", 8080)
-        self.in_flight, self.slots, self.max_body, self.waiting = {}, 1, max_body, []
+class StubRun(oden.Run):
+    """A real Run of `tasks` on one host, writing into a temporary folder; `accepted` holds the
+    file records it wrote, by index."""
+
+    def __init__(self, test, tasks, max_attempts=5, max_deaths=3):
+        folder = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, folder)
+        quiet = logging.NullHandler()    # what the run logs is checked with assertLogs, not shown
+        oden.log.addHandler(quiet)
+        test.addCleanup(oden.log.removeHandler, quiet)
+        host = oden.Host(1, "127.0.0.1", 8080)
+        super().__init__(None, run_context(folder, max_attempts=max_attempts,
+                                           max_deaths=max_deaths),
+                         oden.Tasks(list(tasks)), range(len(tasks)), [host])
+
+    @property
+    def accepted(self):
+        folder = self.context.folder
+        paths = oden.result_paths(folder, "t") + oden.result_paths(folder, "t", errors=True)
+        return sorted((record for _, record in oden.read_records(paths)),
+                      key=lambda record: record["index"])
+
+
+def StubRunner(run, max_body=oden.MAX_BODY):
+    """The HostRunner of the run's one host, as if connected to a worker with one slot."""
+    runner = oden.HostRunner(run, run.hosts[0])
+    runner.slots, runner.max_body = 1, max_body
+    return runner
 
 
 class BatchAnswerTest(unittest.TestCase):
     def test_a_record_lands_only_on_a_task_its_batch_held(self):
-        run = StubRun(list("abcd"))
+        run = StubRun(self, list("abcd"))
         runner = StubRunner(run)
         taken = run.board.take(4)
         runner.in_flight = {7: taken[:2], 8: taken[2:]}
         foreign = [{"index": 0, "ok": True}, {"index": 2, "ok": True}]    # 2 is batch 8's task
         with self.assertLogs("oden", "WARNING") as logs:
             kept = runner._answered(7, foreign)
-        self.assertIn("answered batch 7 with 2 records for 2 tasks: 1 dropped, 1 run again", logs.output[0])
+        self.assertIn("answered batch 7 with 2 reports for 2 tasks: 1 dropped, 1 run again", logs.output[0])
         self.assertEqual([r["index"] for r in kept], [0])
         self.assertEqual(list(run.board.pending), [1])                    # 1 had no record: again
         self.assertEqual(run.board.attempts[1], 1)
         self.assertEqual(runner.in_flight, {8: [2, 3]})
 
     def test_a_late_batch_given_back_earlier_keeps_its_records_in_range(self):
-        run = StubRun(list("ab"))
+        run = StubRun(self, list("ab"))
         kept = StubRunner(run)._answered(99, [{"index": 1}, {"index": 5}, {"index": -1}, {}])
         self.assertEqual(kept, [{"index": 1}])
 
@@ -60,7 +82,7 @@ class TailTest(unittest.TestCase):
     """Batches waiting on a worker move to idle hosts; only running tasks are charged."""
 
     def test_batches_still_waiting_on_a_dead_worker_go_back_free(self):
-        run = StubRun(list("abcd"), max_deaths=1)
+        run = StubRun(self, list("abcd"), max_deaths=1)
         runner = StubRunner(run)
         taken = run.board.take(4)
         runner.in_flight = {1: taken[:1], 2: taken[1:3], 3: taken[3:]}
@@ -73,7 +95,7 @@ class TailTest(unittest.TestCase):
         self.assertEqual(sum(run.board.attempts[i] for i in (1, 2, 3)), 0)
 
     def test_a_worker_gives_back_waiting_batches_only_while_a_host_idles(self):
-        run = StubRun(list("abcd"))
+        run = StubRun(self, list("abcd"))
         runner = StubRunner(run)
         runner.in_flight = {1: run.board.take(1), 2: run.board.take(3)}
         runner._note_waiting([2])
@@ -86,8 +108,22 @@ class TailTest(unittest.TestCase):
             self.assertEqual(run.board.take(3), [1, 2, 3])                 # for the idle host
         self.assertEqual(sum(run.board.attempts.values()), 0)
 
+    def test_one_idle_slot_anywhere_asks_for_a_batch_waiting_elsewhere(self):
+        run = StubRun(self, list("abcde"))
+        busy, other = StubRunner(run), oden.HostRunner(run, oden.Host(2, "127.0.0.1", 8081))
+        other.slots, busy.slots = 2, 1
+        other.in_flight = {1: run.board.take(1)}               # one of its two slots runs
+        busy.in_flight = {2: run.board.take(1), 3: run.board.take(1)}
+        busy._note_waiting([3])                                  # one runs, one waits
+        self.assertEqual((other.idle_slots(), busy.idle_slots()), (1, 0))
+        with run.board.hungry(other.idle_slots()):
+            self.assertNotIn("give_back", self.request(busy))   # the queue will fill that slot
+            run.board.take(2)
+            self.assertEqual(self.request(busy)["give_back"], 1)
+        self.assertNotIn("give_back", self.request(busy))
+
     def request(self, runner):
-        runner.acks, runner.run.id = [], "r"
+        runner.acks = []
         return runner.request([], wait=0)
 
     def test_speculation_copies_only_a_running_task_at_the_end_once(self):
@@ -132,7 +168,7 @@ class TasksTest(unittest.TestCase):
 class RequestSizeTest(unittest.TestCase):
     def test_a_task_over_the_limit_is_its_error_and_the_rest_wait_for_the_next_request(self):
         tasks = ["x" * 300, "y" * 10, "z" * 600000, "w" * 10]
-        run = StubRun(tasks)
+        run = StubRun(self, tasks)
         runner = StubRunner(run, max_body=oden.REQUEST_ENVELOPE + 1000)
         sizes = [run.tasks.size(i) + oden.ITEM_ENVELOPE for i in range(len(tasks))]
         kept, room = runner._fit(run.board.take(4), 700)
@@ -141,7 +177,7 @@ class RequestSizeTest(unittest.TestCase):
         self.assertEqual(error["index"], 2)
         self.assertIn("--max-body", error["exception"])
         self.assertEqual(list(run.board.pending), [])
-        run = StubRun(tasks)
+        run = StubRun(self, tasks)
         kept, room = StubRunner(run)._fit(run.board.take(4), sizes[0] + 5)
         self.assertEqual((kept, room), ([0], 0))
         self.assertEqual(list(run.board.pending), [1, 2, 3])
@@ -297,6 +333,96 @@ class TextTest(unittest.TestCase):
         logger.error("caf\u00e9 \udcff")
         stream.flush()
         self.assertEqual(stream.buffer.getvalue(), b"caf\\xe9 \\udcff\n")
+
+
+def report(index, result=None, ok=True, **fields):
+    """A worker's report of one task, as the manager receives it."""
+    if ok:
+        return dict({"index": index, "ok": True, "result": pickle.dumps(result),
+                     "started": 1.0, "ended": 1.5}, **fields)
+    return dict({"index": index, "ok": False, "error": "Traceback ...\nValueError: bad\n",
+                 "exception": "ValueError: bad", "started": 1.0, "ended": 1.25}, **fields)
+
+
+class ResultStoreTest(unittest.TestCase):
+    """Claiming, writing and counting outcomes: one file record per task, whatever arrives."""
+
+    def store(self, tasks, **knobs):
+        run = StubRun(self, tasks)
+        store = oden.ResultStore(run_context(run.context.folder, **knobs), run.tasks)
+        self.addCleanup(store.close)
+        return run, store
+
+    def test_the_first_outcome_of_a_task_wins_and_a_duplicate_is_counted(self):
+        run, store = self.store(list("abc"))
+        host = run.hosts[0]
+        first = [report(0, "A"), report(1, "B")]
+        self.assertEqual(store.claim(host, first), first)
+        with self.assertLogs("oden", "INFO") as logs:
+            again = store.claim(host, [report(1, "B2"), report(2, "C"), report(2, "C2")])
+        self.assertEqual([(r["index"], pickle.loads(r["result"])) for r in again], [(2, "C")])
+        self.assertEqual(store.tally.duplicates, 2)
+        self.assertIn("duplicate result for task 1 from 127.0.0.1:8080: kept the first",
+                      logs.output[0])
+
+    def test_each_outcome_is_written_as_its_file_record_and_counted(self):
+        run, store = self.store([("x", 1), ("y", 2), ("z", 3)])
+        host = run.hosts[0]
+        broken = dict(report(2), result=b"not a pickle")
+        with self.assertLogs("oden", "ERROR"):
+            store.save(host, store.claim(host, [report(0, 10, output="hi"), report(1, ok=False),
+                                                broken]))
+        [zero, one, two] = run.accepted
+        self.assertEqual((zero["task"], zero["result"], zero["output"]), (("x", 1), 10, "hi"))
+        self.assertEqual((zero["name"], zero["run"], zero["fresh"], zero["host"]),
+                         ("t", "20261130-000000", True, "127.0.0.1:8080"))
+        self.assertEqual((one["task"], one["exception"]), (("y", 2), "ValueError: bad"))
+        self.assertNotIn("result", one)
+        self.assertIn("the result cannot be unpickled", two["exception"])
+        self.assertEqual(store.tally.counts(), (1, 2))
+        self.assertEqual(store.tally.host_counts(), {"127.0.0.1:8080": (1, 2, 1.25)})
+        self.assertEqual(sorted(g[0] for g in store.tally.failure_groups()),
+                         sorted(["ValueError: bad", two["exception"]]))
+
+    def test_a_file_that_cannot_be_written_stops_the_run_and_leaves_the_task_unwritten(self):
+        run, store = self.store(list("ab"))
+        shutil.rmtree(run.context.folder)
+        host = run.hosts[0]
+        store.save(host, store.claim(host, [report(0, "A")]))
+        self.assertIn("cannot write a result file in", store.failure)
+        self.assertIn("free some disk space or fix the folder's permissions", store.failure)
+        self.assertEqual(store.tally.counts(), (0, 0))
+        os.mkdir(run.context.folder)
+
+    def test_with_pack_the_writer_puts_what_waits_for_a_host_in_one_file(self):
+        run, store = self.store(list("abcd"), pack=True)
+        host = run.hosts[0]
+        store.save(host, store.claim(host, [report(0, "A"), report(1, "B")]))
+        store.save(host, store.claim(host, [report(2, ok=False), report(3, "D")]))
+        self.assertEqual(os.listdir(run.context.folder), [])     # queued: the writer is not started
+        store.start()
+        store.close()
+        names = sorted(os.listdir(run.context.folder))
+        self.assertEqual([n.rsplit("_", 1)[1] for n in names],
+                         ["0.pack.pickle", "2.error.pickle"])
+        self.assertEqual([r["index"] for r in run.accepted], [0, 1, 2, 3])
+
+    def test_the_writer_holds_back_host_threads_when_the_disk_falls_behind(self):
+        run, store = self.store(list("abc"), pack=True)
+        store.changed = support.NotingCondition()
+        host = run.hosts[0]
+        backlog, oden.WRITER_BACKLOG = oden.WRITER_BACKLOG, 2
+        self.addCleanup(setattr, oden, "WRITER_BACKLOG", backlog)
+        store.save(host, store.claim(host, [report(0, "A"), report(1, "B")]))
+        thread, _ = support.in_thread(store.save, host, store.claim(host, [report(2, "C")]))
+        self.assertTrue(store.changed.waiting.wait(10))          # the third waits for room
+        self.assertTrue(thread.is_alive())
+        self.assertEqual(store.queued_count, 2)
+        store.start()                                            # the writer drains: room again
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        store.close()
+        self.assertEqual([r["index"] for r in run.accepted], [0, 1, 2])
 
 
 if __name__ == "__main__":

@@ -26,24 +26,22 @@ class TakeTest(unittest.TestCase):
 
     def test_take_skips_finished_tasks_and_gives_nothing_once_stopping(self):
         board = board_of(5)
-        self.assertTrue(board.finish(1))
+        board.finish([1])
         self.assertEqual(board.take(2), [0, 2])
         self.assertEqual(board.copies[1], 0)
         board.stop()
         self.assertEqual(board.take(5), [])
         self.assertEqual(list(board.pending), [3, 4])
 
-    def test_finish_counts_once_and_a_duplicate_is_refused(self):
+    def test_the_run_is_finished_once_every_task_is(self):
         board = board_of(2)
         board.take(2)
-        self.assertTrue(board.finish(0))
-        self.assertFalse(board.finish(0))
+        board.finish([0])
+        board.finish([0])                            # a duplicate changes nothing
         self.assertFalse(board.finished)
-        self.assertTrue(board.finish(1))
+        self.assertEqual(board.counts(), (1, 1, 1))
+        board.finish([1])
         self.assertTrue(board.finished)
-        board.reopen(1)                              # its file could not be written
-        self.assertFalse(board.finished)
-        self.assertEqual(board.counts(), (1, 1, 1))   # still one copy out: it is in flight
 
 
 class GiveBackTest(unittest.TestCase):
@@ -76,7 +74,7 @@ class GiveBackTest(unittest.TestCase):
     def test_a_task_finished_or_running_elsewhere_is_not_queued_again(self):
         board = board_of(3)
         board.take(3)
-        board.finish(0)
+        board.finish([0])
         board.sent_at[1] -= 10
         self.assertEqual(board.take_straggler(5), 1)             # a second copy of 1
         self.assertEqual(board.give_back([0, 1], "lost"), [])
@@ -99,7 +97,7 @@ class GiveBackTest(unittest.TestCase):
         board = board_of(3, max_deaths=1)
         board.take(3)
         board.give_back([0, 1, 2], "line broke")                  # attempts; now known dead:
-        board.finish(2)
+        board.finish([2])
         self.assertEqual(board.take(1), [0])                      # 0 runs elsewhere
         self.assertEqual(board.count_deaths([0, 1, 2]),
                          [(1, "worker died 1 times while running this task")])
@@ -110,7 +108,7 @@ class GiveBackTest(unittest.TestCase):
         self.assertEqual(board.counts(), (0, 0, 4))
         board.take(3)
         self.assertEqual(board.counts(), (0, 3, 4))
-        board.finish(0)
+        board.finish([0])
         board.release([0, 1])
         self.assertEqual(board.counts(), (1, 1, 3))              # 1 answered without a result
         self.assertEqual((board.copies[0], board.copies[1], board.copies[2]), (0, 0, 1))
@@ -140,7 +138,7 @@ class StragglerTest(unittest.TestCase):
         self.assertEqual(self.board.copies[1], 2)
         self.assertEqual(self.board.take_straggler(1), 0)
         self.assertIsNone(self.board.take_straggler(1))           # 2 is too young, 0, 1 copied
-        self.board.finish(2)
+        self.board.finish([2])
         self.assertIsNone(self.board.take_straggler(0))
 
     def test_tasks_waiting_in_a_workers_queue_block_it_and_a_stop_too(self):
@@ -195,9 +193,9 @@ class WakeTest(unittest.TestCase):
 
     def test_only_the_last_finish_wakes_a_sleeper(self):
         board, thread = self.waiting_board(lambda board: board.sleep(30))
-        board.finish(0)
+        board.finish([0])
         self.assertTrue(thread.is_alive())
-        board.finish(1)
+        board.finish([1])
         self.assertWakes(thread)
 
     def test_waits_return_at_once_once_stopped_or_finished(self):
