@@ -2421,11 +2421,15 @@ def explain_network_error(error, seconds):
 
 
 class TaskBoard:
-    """The manager's shared queue and ledger of every task of the run.
+    """The manager's shared queue and ledger of every task of the run, by index.
 
     All fields are guarded by `changed`'s lock; every change that gives a
     waiting thread something to do (tasks back in the queue, the run's end,
     a stop) notifies it, so waiting threads wake on news instead of polling.
+    Read without the lock, and only there: `finished` and `stopping` by the
+    loops of the host threads and drive() (one read of a reference each; a
+    stale answer costs one more turn of the loop, which reads it again), and
+    `total` (never changes).
     """
 
     def __init__(self, indices, max_attempts, max_deaths):
@@ -2459,11 +2463,12 @@ class TaskBoard:
             while self.pending and len(taken) < count and not self.stopping:
                 index = self.pending.popleft()
                 if index in self.unfinished:
-                    self._send(index)
+                    self._hand_out(index)
                     taken.append(index)
         return taken
 
-    def _send(self, index):
+    def _hand_out(self, index):
+        """A copy of the task goes to a host now."""
         self.copies[index] += 1
         self.sent_at[index] = time.monotonic()
 
@@ -2480,7 +2485,7 @@ class TaskBoard:
             if not single:
                 return None
             index = min(single, key=self.sent_at.__getitem__)
-            self._send(index)
+            self._hand_out(index)
             return index
 
     @contextlib.contextmanager
@@ -3000,7 +3005,8 @@ class HostRunner:
 
     def idle(self):
         """Nothing in flight and nothing to take: tell the user once, then wait for news."""
-        if not self.board.pending:
+        queued, _, _ = self.board.outlook()
+        if not queued:
             self.tell_finished()
         with self.board.hungry(self.slots):
             self.board.wait(self.context.interval_polling)
