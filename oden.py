@@ -348,8 +348,8 @@ class Codec:
         self.key = key
         self.session = secrets.token_hex(8)
         self._counter = 0
-        self._lock = threading.Lock()
-        self._seen = {}            # session -> (last counter, last time seen); the worker's replay guard
+        self._lock = threading.Lock()  # guards _counter (any thread that sends) and _seen
+        self._seen = {}            # session -> (last counter, last time seen): the replay guard
 
     # -- manager side --------------------------------------------------
     def seal_request(self, path, message, boot):
@@ -909,7 +909,11 @@ class ProcessSlot(Slot):
     def __init__(self, calc):
         self.calc = calc
         self.process = self.conn = self.position = self.lifeline = None
-        self.lock = threading.Lock()     # stop() comes from the slot's thread and from shutdown
+        # `lock` serialises start() and stop(): stop() comes from the slot's thread and from
+        # shutdown (WorkerState.stop_slots); every other method is the slot thread's alone.
+        # `closed` is set under it and read without it by collect(): it only ever turns True,
+        # and a late read costs one wake-up.
+        self.lock = threading.Lock()
         self.closed = False
         self.todo, self.records = [], []     # tasks of the batch not answered yet, and the records so far
 
@@ -936,9 +940,12 @@ class ProcessSlot(Slot):
 
     def ready(self, seconds=60):
         """Wait for the child's first word, so no batch waits on a process still booting."""
-        with contextlib.suppress(EOFError, OSError, AttributeError):
-            if self.conn.poll(seconds):
-                self.conn.recv()
+        conn = self.conn
+        if conn is None:                 # closed for good before a child ever started
+            return
+        with contextlib.suppress(EOFError, OSError):     # a child that died, a pipe stop() closed
+            if conn.poll(seconds):
+                conn.recv()
 
     def stop(self, final=False):
         """Kill the child and its group (it restarts on the next batch), or for good (final)."""
@@ -961,7 +968,9 @@ class ProcessSlot(Slot):
             self.stop()
             self.start()
             self.ready()
-        with contextlib.suppress(OSError, AttributeError):     # a dead child is found by collect()
+        if self.conn is None:            # closed for good before a child ever started: collect()
+            return                       # sees `closed` and ends at once
+        with contextlib.suppress(OSError):     # a dead child, or a closed pipe: collect() finds it
             self.position.value = 0
             send_batch(self.conn, self.todo)
 
@@ -978,7 +987,7 @@ class ProcessSlot(Slot):
                     self.records += self.conn.recv()
                     self.todo = []
                     break
-            except (EOFError, OSError, AttributeError):
+            except (EOFError, OSError):             # the child died, or stop() closed the pipe
                 if self.closed or batch.cancelled:
                     continue
                 code = self._exit_code()                # the child is dead: its position is final
@@ -1117,17 +1126,25 @@ class WorkerState:
     batches go, its running ones are cancelled (a process slot kills its child;
     a thread runs on, its record dropped).
 
-    `lock` guards `runs` and everything in them, the counts (`done`, `failed`,
-    `idle`, `feeds`) and `stopping`; `work` (on it) wakes slots, `results` wakes
-    long polls.  A Batch's `since` is written by its slot's thread without the
-    lock (one attribute store; the status page reads it under the lock), and
-    its `cancelled` is set under the lock and read without it by the slot's
-    thread (a late read only delays the stop by one wake-up).
+    Locks.  `lock` guards `runs` and everything in them (each RunState and its
+    batches), the counts (`done`, `failed`, `idle`, `feeds`) and `stopping`; `work`
+    (on it) wakes slots, `results` wakes long polls.  `slot_objects` and `code` are
+    set before the server takes its first request and only read after.  Three
+    fields of a Batch are read or written without the lock, on purpose:
+
+    * `since`: written by its slot's thread alone as each task starts, so that a
+      slot does not wait for the lock per task; one attribute store is never torn.
+      status() reads it under the lock, once per batch, and sees None (not started,
+      or finished: _finish() sets that under the lock) or one whole time.
+    * `cancelled`: set under the lock (_drop), read by the slot's thread while it
+      runs the batch; a late read costs one wake-up (ProcessSlot.WAKE_EVERY).
+    * `items`: set when the batch is made and read by the one slot thread that
+      holds it, which drops them in _finish().
     """
 
-    def __init__(self, calc, slots, threads, show_status, job_name, max_body=MAX_BODY):
+    def __init__(self, calc, slots, threads, job_name, max_body=MAX_BODY):
         self.calc, self.slots, self.threads = calc, slots, threads
-        self.show_status, self.job_name, self.max_body = show_status, job_name, max_body
+        self.job_name, self.max_body = job_name, max_body
         self.capacity = 2 * slots + WORKER_BACKLOG
         self.lease = run_lease()
         self.boot = secrets.token_hex(6)
@@ -1249,7 +1266,7 @@ class WorkerState:
             log.info("task %s failed: %s", record["index"], record["exception"])
 
     def _mark_started(self, batch):
-        batch.since = time.time()
+        batch.since = time.time()        # without the lock: see the class's docstring
 
     # -- runs --------------------------------------------------------------
     def _heard(self, run_id):
@@ -1363,8 +1380,8 @@ class WorkerState:
         """What the status routes show: counts and ages, never tasks or results."""
         now = time.time()
         with self.lock:
-            running = sorted(now - b.since for run in self.runs.values()
-                             for b in run.running.values() if b.since is not None)
+            started = [b.since for run in self.runs.values() for b in run.running.values()]
+            running = sorted(now - since for since in started if since is not None)
             busy = self.slots - self.idle
             state = {"state": "busy" if busy else "idle", "slots": self.slots,
                      "slots_busy": busy, "slots_free": self.idle,
@@ -1503,7 +1520,7 @@ class BodyRoom:
 
     def __init__(self, total):
         self.total, self.used = total, 0
-        self.changed = threading.Condition()
+        self.changed = threading.Condition()    # guards `used`; handler threads take and give
 
     def take(self, size, seconds):
         """True once `size` bytes are reserved; False if there was no room within `seconds`."""
@@ -1555,7 +1572,9 @@ class Connections:
     new connection is closed.  It also cuts connections past their deadline (reap).
     Cutting is shutting the socket down: its handler thread sees the stream end,
     answers nothing and ends.  Handler threads move their own connection between
-    phases.  One lock guards `open`.
+    phases.  `lock` guards `open` and each Connection's phase, since, deadline and
+    `cut` (its sock and address never change); `limit` is the accept thread's alone
+    (admit, out_of_descriptors), which reads and lowers it under the lock all the same.
     """
     IDLE, HEAD, WORKING, BODY, REPLY = "idle", "head", "working", "body", "reply"
 
@@ -1669,6 +1688,61 @@ class HeadReader:
         return getattr(self.stream, attribute)
 
 
+def message_problem(path, message):
+    """Why `message` is not a request the route `path` can serve, in one line, or None.  The
+    routes read only what passes here, so an exception in one is a bug of the worker (a 500),
+    never the sender's (a 400).  Keys a route does not read are let through."""
+    if path == "/hello":
+        return None                      # any: without a dict "manifest" it asks for none
+    if not isinstance(message, dict):
+        return "a %s message is a dict, not %s" % (path, type(message).__name__)
+    if path == "/push":
+        files = message.get("files") or {}
+        if not (isinstance(files, dict) and all(isinstance(name, str) and is_bytes(data)
+                                                for name, data in files.items())):
+            return "its 'files' is not {path: bytes}"
+        return None
+    if not isinstance(message.get("run"), str):
+        return "it names no run (a string under 'run')"
+    if not (isinstance(message.get("ack", ()), (list, tuple))
+            and all(is_hashable(batch_id) for batch_id in message.get("ack", ()))):
+        return "its 'ack' is not a list of batch ids"
+    if not is_number(message.get("wait", 0)) or not is_number(message.get("give_back", 0)):
+        return "its 'wait' or 'give_back' is not a number"
+    if path == "/submit":
+        batches = message.get("batches")
+        if not (isinstance(batches, (list, tuple)) and all(map(is_batch, batches))):
+            return "its 'batches' is not a list of (batch id, [(index, task pickle)], time limit)"
+    return None
+
+
+def is_batch(batch):
+    """A submitted batch as WorkerState.submit takes it: (id, [(index, pickle)], limit)."""
+    if not (isinstance(batch, (list, tuple)) and len(batch) == 3):
+        return False
+    batch_id, items, limit = batch
+    return (is_hashable(batch_id) and (limit is None or is_number(limit))
+            and isinstance(items, (list, tuple))
+            and all(isinstance(item, (list, tuple)) and len(item) == 2
+                    and isinstance(item[0], int) and is_bytes(item[1]) for item in items))
+
+
+def is_bytes(value):
+    return isinstance(value, (bytes, bytearray, memoryview))
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_hashable(value):
+    try:
+        hash(value)
+        return True
+    except TypeError:
+        return False
+
+
 class WorkerHandler(http.server.BaseHTTPRequestHandler):
     """HTTP front of a worker.  GET routes show status to anyone; POST routes
     need a signed head, checked before the body is read, and hand the body to
@@ -1731,18 +1805,21 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             message = codec.open_body(ticket, body)
         except AuthError as e:
             return self._refuse(e.status, str(e))
-        except Exception as e:
-            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
-            return self._fail(400, "malformed message: %s" % one_line(e))
+        except Exception as e:           # bad frames, a pickle that does not load
+            return self._malformed(one_line(e))
         finally:
             body = None                  # gone before the route runs: its room is free again
             room.give(length)
+        problem = message_problem(self.path, message)
+        if problem:
+            return self._malformed(problem)
         try:
-            reply = route(self.server, message)
-        except Exception as e:
-            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
-            return self._fail(400, "malformed message: %s" % one_line(e))
-        body, headers = codec.seal_reply(ticket, 200, reply)
+            body, headers = codec.seal_reply(ticket, 200, route(self.server, message))
+        except Exception as e:           # the message was fine: this is the worker's own bug
+            log.exception("the worker failed on %s from %s (a bug: please report it)",
+                          self.path, self.client_address[0])
+            return self._fail(500, "the worker failed on %s: %s (its log has the traceback)"
+                              % (self.path, one_line(e)))
         self._send(200, body, "application/octet-stream", headers)
         if self.server.keeper.restarting:        # a push was taken: restart once it is answered
             self.wfile.flush()
@@ -1806,6 +1883,11 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _malformed(self, why):
+        """A signed request whose message the worker cannot serve: 400, logged with its cause."""
+        log.warning("bad %s from %s: %s", self.path, self.client_address[0], peer_text(why))
+        self._fail(400, "malformed message: %s" % why)
+
     def _fail(self, code, reason):
         self.close_connection = True
         self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8", {"Connection": "close"})
@@ -1850,7 +1932,10 @@ class CodeKeeper:
         self.folder, self.script = folder, script
         self.pushable = pushable         # None, or why this worker takes no pushes
         self.max_push = max_push
-        self.restarting = False          # set once by push(); read by the handler and run_worker
+        # Set once by push(), read without a lock: by the handler thread that ran push() (its
+        # own write), and by run_worker after serve_forever() returned, which the shutdown
+        # that this handler starts orders after it.
+        self.restarting = False
 
     def hello(self, message):
         """What /hello adds: the manager's files that differ here, our script, push or not."""
@@ -1874,7 +1959,7 @@ class CodeKeeper:
                     % (size, self.max_push)}
         try:
             apply_push(self.folder, files)
-        except (ValueError, OSError, TypeError, AttributeError) as e:
+        except (ValueError, OSError) as e:     # a path out of the folder, a file not written
             log.warning("push refused: %s", one_line(e))
             return {"ok": False, "why": "push refused, its code is unchanged: %s" % one_line(e)}
         log.info("push: %d files, %d bytes; restarting with the new code", len(files), size)
@@ -1985,8 +2070,7 @@ def run_worker(job, args):
         except (OSError, ssl.SSLError) as e:
             raise OdenError("cannot load the certificate %s (%s): check --certfile and --keyfile"
                             % (args.certfile, getattr(e, "strerror", None) or e))
-    state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name,
-                        args.max_body)
+    state = WorkerState(job.calc, args.slots, args.threads, job.name, args.max_body)
     state.code = manifest_digest(code_manifest(job.files))
     keeper = CodeKeeper(script_folder(), os.path.basename(sys.argv[0]),
                         "it was started with --no-push" if args.no_push else
@@ -3775,8 +3859,10 @@ class Progress:
     def __init__(self, run, stream, quiet):
         self.run, self.stream, self.quiet = run, stream, quiet
         self.tty = stream.isatty()
-        self.last_log = time.monotonic()
-        self.width = 0
+        self.last_log = time.monotonic()     # the drive loop's alone (tick)
+        self.width = 0                       # columns of the progress line shown now
+        # `lock` guards `width` and the stream: write() comes from every thread that logs,
+        # tick() and close() from the drive loop.
         self.lock = threading.Lock()
         self.console = [h for h in log.handlers if getattr(h, "stream", None) is stream] if self.tty else []
         for handler in self.console:
@@ -4109,15 +4195,16 @@ class Timeline:
     SETTLE = 0.25                        # seconds after the first result before a rate is told
 
     def __init__(self, started):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()     # guards every, samples and first (see mark_first)
         self.started = started           # time.monotonic() of the run's start
         self.every = 1.0                 # seconds between samples
-        self.samples = [(0.0, 0, 0)]
-        self.first = None
+        self.samples = [(0.0, 0, 0)]     # (seconds since the start, done, failed)
+        self.first = None                # (seconds, finished) at the first outcomes
 
     def mark_first(self, finished):
         """Called by Run after it counted outcomes; only the first call counts."""
-        if self.first is None:           # set once, then only read: the lock only for setting it
+        if self.first is None:           # set once, then only read: a read without the lock
+                                         # that sees None is checked again under it
             with self.lock:
                 if self.first is None:
                     self.first = (time.monotonic() - self.started, finished)
@@ -4183,8 +4270,12 @@ class TaskTimes:
 
 
 def run_state(run):
-    """What the live page, /status.json and the report show (see README.md "The live page").
-    Every figure is read through a locked accessor; O(hosts + tasks in flight), not O(tasks)."""
+    """What the live page, /status.json and the report show (see README.md "The live page");
+    O(hosts + tasks in flight), not O(tasks).  Counts come from locked accessors, each a copy.
+    Read without a lock: what never changes (the board's total, the hosts, the stamp, the
+    start), the list of runners (set once by drive()), each runner's snapshot() (see there),
+    and the board's `finished` and `stopping`, which only ever turn True: a late read shows
+    "running" for one refresh more."""
     done, failed = run.counts()
     _, in_flight, _ = run.board.counts()
     total, finished = run.board.total, done + failed
