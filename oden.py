@@ -3219,6 +3219,11 @@ def skipped_text(path, why):
     return "skipped unreadable result file %s (%s)" % (path, why)
 
 
+def log_skipped(path, why):
+    """An on_bad for read_records() and its callers: a warning in the log per skipped file."""
+    log.warning("%s", skipped_text(path, why))
+
+
 # ------ Classes of the user's script in result files -------------------------------------
 #
 # A task or result may be an instance of a class defined in the run's script: pickle names it
@@ -3549,8 +3554,7 @@ def load_results(name=None, folder=".", errors=False, run=None):
     run, run="20240101-120000" those of one run (the stamp in its file names).  Classes of the
     run's script are found wherever this runs (see load_result_file)."""
     name = name or globals()["name"]
-    warn = lambda path, why: log.warning("%s", skipped_text(path, why))
-    records = choose_records(all_records(folder, name, warn), run)
+    records = choose_records(all_records(folder, name, log_skipped), run)
     for record in records:
         if "result" in record:
             yield record["task"], record["result"]
@@ -3958,16 +3962,28 @@ def format_duration(seconds):
     return "%d s" % whole
 
 
+def format_table(rows, numbers_from=None):
+    """Rows of text cells as columns two spaces apart, for a terminal or a log: each column
+    left-aligned, but right-aligned from column `numbers_from` on (figures)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = len(widths) if numbers_from is None else numbers_from
+    return "\n".join("  ".join(cell.ljust(width) if i < right else cell.rjust(width)
+                              for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
 def summary_table(run):
+    """The run's summary for the log: per host and in all, done, failed and mean task time."""
+    per_host, (done, failed) = run.host_counts(), run.counts()
+
+    def row(label, done, failed, seconds):
+        mean = "%.3f" % (seconds / (done + failed)) if done + failed else "-"
+        return label, str(done), str(failed), mean
+
     rows = [("host", "done", "failed", "mean task s")]
-    for host in run.hosts:
-        done, failed, seconds = run.per_host.get(host.label, (0, 0, 0.0))
-        rows.append((host.label, str(done), str(failed), "%.3f" % (seconds / (done + failed)) if done + failed else "-"))
-    seconds, count = sum(s for _, _, s in run.per_host.values()), run.done + run.failed
-    rows.append(("total", str(run.done), str(run.failed), "%.3f" % (seconds / count) if count else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows)
+    rows += [row(host.label, *per_host.get(host.label, (0, 0, 0.0))) for host in run.hosts]
+    rows.append(row("total", done, failed, sum(seconds for _, _, seconds in per_host.values())))
+    return format_table(rows, numbers_from=1)
 
 
 FILE_ONLY = {"file_only": True}         # extra= of a log record for the log file, not the console
@@ -4970,11 +4986,6 @@ def run_push(job, settings):
         outcomes = list(pool.map(push_one, hosts))
     print(format_table([("host", "code")] + [(h.label, o) for h, o in zip(hosts, outcomes)]))
     return 1 if any(o.startswith("FAILED") for o in outcomes) else 0
-
-
-def format_table(rows):
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def run_results(settings):
