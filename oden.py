@@ -254,6 +254,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame):
+    """The SIGTERM handler of a manager: stop as Ctrl-C does (see Terminated)."""
     raise Terminated()
 
 
@@ -287,6 +288,7 @@ class AuthError(Exception):
 
 
 def dumps(obj):
+    """Pickle `obj` as every message and file of oden is pickled (PICKLE_PROTOCOL)."""
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
@@ -337,6 +339,7 @@ def decode(body):
 
 
 def body_size(body):
+    """The bytes of a body as encode() makes it: bytes, or a list of parts."""
     return len(body) if isinstance(body, (bytes, bytearray)) else sum(len(part) for part in body)
 
 
@@ -369,6 +372,8 @@ class Codec:
         return body, dict(length, **{AUTH_HEADER: header}), (self.session, counter)
 
     def open_reply(self, ticket, status, header, body):
+        """Check a reply's signature against the request's `ticket`, then unpickle it;
+        AuthError when it is not signed with our key."""
         if self.key is not None:
             if header is None or header == UNSIGNED:
                 raise AuthError(0, "it answers without a key: put the same oden.key next to its oden.py "
@@ -434,6 +439,7 @@ class Codec:
                 self._seen = {s: v for s, v in self._seen.items() if now - v[1] < 3 * MAX_CLOCK_SKEW}
 
     def seal_reply(self, ticket, status, message):
+        """Return (body, headers) of a reply, signed for the request of `ticket`."""
         body = encode(message)
         if self.key is None or ticket is None:
             return body, {AUTH_HEADER: UNSIGNED}
@@ -442,6 +448,7 @@ class Codec:
 
 
 def key_path(key_file=None):
+    """Where the key file is: --key-file, else oden.key beside the main script."""
     return key_file or os.path.join(script_folder(), KEY_FILE)
 
 
@@ -686,6 +693,8 @@ class TaskOutput:
 
     @staticmethod
     def install():
+        """In a slot: put TaskOutput in front of stdout and stderr, and remember
+        them and the working folder as the slot's own (see restore)."""
         if not isinstance(sys.stdout, TaskOutput):
             sys.stdout, sys.stderr = TaskOutput(sys.stdout), TaskOutput(sys.stderr)
         TaskOutput.home = (sys.stdout, sys.stderr, os.getcwd())
@@ -710,6 +719,7 @@ class TaskOutput:
     @staticmethod
     @contextlib.contextmanager
     def capture():
+        """Keep what the running task prints (this thread's) in the list it yields."""
         TaskOutput.local.kept = kept = []
         try:
             yield kept
@@ -721,6 +731,7 @@ class TaskOutput:
 
 
 def error_record(index, error, exception, started=None, output=""):
+    """The wire record of a task that failed: `error` its traceback, `exception` one line."""
     return {"index": index, "ok": False, "error": error, "exception": exception,
             "started": started, "ended": time.time(), "output": output}
 
@@ -1101,10 +1112,12 @@ class RunState:
         self.fed = 0                 # when a slot last took one of its batches (WorkerState.feeds)
 
     def knows(self, batch_id):
+        """Whether this run's batch `batch_id` is here: queued, running or unacked."""
         return (batch_id in self.running or batch_id in self.finished
                 or any(b.id == batch_id for b in self.queued))
 
     def held(self):
+        """Batches of this run the worker holds: queued, running and unacked."""
         return len(self.queued) + len(self.running) + len(self.finished)
 
     def quiet(self, now):
@@ -1161,6 +1174,8 @@ class WorkerState:
         self.stopping = False        # set on shutdown: batches cut off then are never reported
 
     def start_slots(self):
+        """Start the slots' children (all at once), then a thread per slot and the
+        lease watch."""
         self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
         atexit.register(self.stop_slots)     # slot processes are not daemonic: never wait on one
         for slot in self.slot_objects:
@@ -1367,6 +1382,7 @@ class WorkerState:
                     "boot": self.boot}
 
     def hello(self):
+        """What /hello tells of this worker (CodeKeeper adds the code's part)."""
         return {"version": VERSION, "code": self.code, "slots": self.slots, "boot": self.boot,
                 "python": platform.python_version(), "name": self.job_name,
                 "max_body": self.max_body}
@@ -1486,6 +1502,8 @@ class Refusals:
         self.sources = collections.OrderedDict()    # source -> [period start, count, latest line]
 
     def note(self, source, line):
+        """A refusal from `source`: logged at once when it is the first of its
+        period, else counted for flush()."""
         with self.lock:
             entry = self.sources.get(source)
             if entry is not None:
@@ -1537,6 +1555,7 @@ class BodyRoom:
             return True
 
     def give(self, size):
+        """Free what take() reserved, and wake the bodies waiting for room."""
         if size > SMALL_BODY:
             with self.changed:
                 self.used -= size
@@ -1617,6 +1636,7 @@ class Connections:
                 connection.phase, connection.deadline = phase, deadline
 
     def forget(self, sock):
+        """The handler thread of `sock` ends: its connection is no longer open."""
         with self.lock:
             self.open.pop(sock, None)
 
@@ -1728,14 +1748,17 @@ def is_batch(batch):
 
 
 def is_bytes(value):
+    """Whether `value` is bytes as a task pickle may come: bytes, or a view into a body."""
     return isinstance(value, (bytes, bytearray, memoryview))
 
 
 def is_number(value):
+    """Whether `value` is an int or a float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_hashable(value):
+    """Whether `value` can be a dict key (a batch id)."""
     try:
         hash(value)
         return True
@@ -2055,6 +2078,7 @@ def connection_limit(wanted, slots):
 
 
 def run_worker(job, args):
+    """The `worker` command: serve this machine's slots until Ctrl-C or SIGTERM."""
     key = load_key(args.key_file)
     if key is None and not args.insecure:
         raise OdenError("no key: refusing to start without one (any web page could run code "
@@ -3420,6 +3444,7 @@ class RunLock:
             return False
 
     def release(self):
+        """Let the lock go (closing the file releases it); harmless when not held."""
         if self.file is not None:
             self.file.close()            # closing the file releases the lock
             self.file = None
@@ -3456,6 +3481,8 @@ class ContentIndex:
 
 
 def freeze(value):
+    """A hashable copy of `value` for content_key(): containers become tuples and
+    frozensets, so equal tasks freeze equal; TypeError when a part cannot be hashed."""
     if isinstance(value, dict):
         return ("dict", frozenset((freeze(k), freeze(v)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
@@ -3467,6 +3494,7 @@ def freeze(value):
 
 
 def content_key(task):
+    """The ContentIndex bucket of a task: a hash of its frozen copy, or one shared bucket."""
     try:
         return hash(freeze(task))
     except Exception:
@@ -3474,6 +3502,7 @@ def content_key(task):
 
 
 def safe_equal(a, b):
+    """a == b, or, when comparing raises (arrays, odd classes), equal pickles."""
     try:
         return bool(a == b)
     except Exception:
@@ -3916,6 +3945,7 @@ class Progress:
         return width or shutil.get_terminal_size().columns
 
     def tick(self):
+        """Called by the drive loop every period: redraw the line, or log it when due."""
         if self.quiet:
             return
         if self.tty:
@@ -3930,6 +3960,7 @@ class Progress:
             log.info("progress: %s", self.line())
 
     def close(self):
+        """At the run's end: wipe the line and give the console its stream back."""
         with self.lock:
             self._wipe()
             self.stream.flush()
@@ -3945,6 +3976,7 @@ def format_rate(rate):
 
 
 def format_seconds(seconds):
+    """Seconds as the progress line shows them: H:MM:SS."""
     seconds = int(seconds)
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
 
@@ -4236,6 +4268,7 @@ class Timeline:
                 self.samples, self.every = self.samples[::2], self.every * 2
 
     def points(self):
+        """A copy of the samples: [(seconds since the start, done, failed)]."""
         with self.lock:
             return list(self.samples)
 
@@ -4267,6 +4300,7 @@ class TaskTimes:
         self.total, self.longest = 0.0, 0.0
 
     def add(self, seconds):
+        """Count one task that took `seconds` in calc."""
         bin_ = int(math.log10(seconds) * self.PER_DECADE + self.OFFSET) if seconds > 1e-6 else 0
         self.counts[bin_] = self.counts.get(bin_, 0) + 1
         self.total += seconds
@@ -4447,6 +4481,7 @@ def render_page(state, live):
 
 
 def card(heading, body):
+    """One box of the page: a heading over `body` (HTML)."""
     return "<section class=\"card\"><h2>%s</h2>%s</section>" % (heading, body)
 
 
@@ -4516,6 +4551,7 @@ def html_table(columns, rows, total=None):
 
 
 def optional_duration(seconds):
+    """format_duration(), or "-" for None (not known, nothing running)."""
     return "-" if seconds is None else format_duration(seconds)
 
 
@@ -4683,6 +4719,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
 
 def is_loopback(address):
+    """True for "localhost" and a loopback IP address (127.x.x.x, ::1)."""
     if address == "localhost":
         return True
     try:
@@ -4698,6 +4735,8 @@ def is_loopback_name(host_header):
 
 
 class DashboardServer(http.server.ThreadingHTTPServer):
+    """The live page's server: a thread per request; `run` and `loopback_only` are set by
+    Dashboard before it serves."""
     daemon_threads = True
 
     def __init__(self, address):
@@ -4730,6 +4769,7 @@ class Dashboard:
                         "counts and tracebacks (read-only)", host)
 
     def close(self):
+        """Stop serving the page and wait for its thread."""
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
@@ -4810,6 +4850,7 @@ def read_port_within(process, seconds, sink):
 
 
 def stop_process(process):
+    """Stop a child process: SIGTERM, then SIGKILL after 10 s; reaped either way."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -5057,6 +5098,7 @@ def text_cell(value):
 
 
 def task_seconds(record):
+    """How long calc took for a record (rounded to microseconds), or None."""
     if record.get("started") and record.get("ended"):
         return round(record["ended"] - record["started"], 6)
     return None
@@ -5098,6 +5140,7 @@ def results_summary(name, records, everything, standing, run):
 
 
 def run_init(key_file):
+    """The `init` command: create the key file, unless there is one already."""
     path = key_path(key_file)
     if os.path.exists(path):
         print("%s exists already: nothing to do (delete it first to make a new key)" % path)
@@ -5154,6 +5197,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(job):
+    """The command line's parser; the user section's settings are its defaults."""
     parser = Parser(
         prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "oden.py",
         description="oden: spread independent tasks over many machines. "
@@ -5305,6 +5349,7 @@ port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "por
 
 
 def dispatch(job, settings, argv):
+    """Run the command that `settings` names; return its exit code."""
     folder = getattr(settings, "folder", None)
     if folder is not None and not os.path.isdir(folder):
         raise OdenError("folder %s does not exist: create it, or pass another --folder" % folder)
@@ -5357,6 +5402,8 @@ def checked_name(name):
 
 
 def run_command(argv, user_settings):
+    """main() without the exit: parse `argv`, run it, turn OdenError and Ctrl-C
+    into a message and an exit code."""
     try:
         job = Job(**user_settings)
         settings = build_parser(job).parse_args(argv)
