@@ -117,13 +117,13 @@ except ImportError:
     import msvcrt
 
 # ------ User write below ------
-hosts = None          # host names, one per line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
+hosts = None          # one a line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
 name = "sort"         # the run's name: every result file starts with it
-interval_polling = 1  # seconds: how long one poll may wait on a worker before the host is asked again
+interval_polling = 1  # seconds one poll may wait on a worker before the host is asked again
 timeout = 10          # seconds for every HTTP request (connecting, sending, receiving)
-task_timeout = None   # seconds one task may run before it is recorded as an error; None: no limit
-chunksize = None      # tasks per batch sent to a worker slot; None: automatic (batches of about 0.05 s)
-files = []            # glob patterns (relative to this folder) of data files calc reads: pushed with the code
+task_timeout = None   # seconds one task may run before it is an error; None: no limit
+chunksize = None      # tasks per batch sent to a slot; None: automatic (batches of about 0.05 s)
+files = []            # glob patterns (in this folder) of files calc reads: pushed with the code
 
 
 def make_tasks():
@@ -192,7 +192,7 @@ KEY_FILE = "oden.key"               # next to the main script; travels with the 
 KEY_ENV = "ODEN_KEY"                # overrides the key file
 START_METHOD_ENV = "ODEN_START_METHOD"   # a worker's slot processes start so (spawn, forkserver)
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
-MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
+MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid: the clock drift allowed
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
 REQUEST_BYTES = 32 * 2 ** 20        # bytes of tasks past which a request takes no further batch
 PREFETCH_BYTES = 16 * 2 ** 20       # batches beyond a host's slots only while they are smaller
@@ -212,15 +212,15 @@ SMALL_REPLY = 2 ** 20               # bytes: most a /hello answer, error text, /
 WATCH_EVERY = 0.1                   # s between checks for manager requests past their deadline
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
-PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips per task,
+PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips,
 SHORT_BATCH = 0.01                  #     at the price of a less even end of the run
 LONG_BATCH = 1.0                    # batches longer than this: one beyond the slots is enough
 WRITER_BACKLOG = 1000               # results waiting for the writer before host threads wait for it
-WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, running, unacked)
+WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, run, unacked)
 BATCH_SECONDS = 0.05                # automatic chunksize aims at batches this long
 MAX_CHUNK = 2000                    # automatic chunksize never exceeds this many tasks
-MAX_ATTEMPTS = 5                    # infrastructure failures (connection, timeout) before a task is an error
-MAX_DEATHS = 3                      # worker deaths a task may witness before it is an error (poison task)
+MAX_ATTEMPTS = 5                    # connection failures and time-outs before a task is an error
+MAX_DEATHS = 3                      # worker deaths a task may see before it is an error (poison)
 GIVE_UP_AFTER = 300                 # seconds every host may be down before the manager stops
 BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
 SLOT_BACKOFF = (0.1, 5)             # first and longest wait of a slot whose process fails to start
@@ -229,7 +229,7 @@ RUN_LEASE = 180                     # seconds a silent manager run keeps its bat
 RUN_QUIET = 10                      # seconds of silence after which a run's batches queue last
 LEASE_ENV = "ODEN_RUN_LEASE"        # overrides RUN_LEASE (tests use a short lease)
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
-PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
+PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is no terminal
 RATE_WINDOW = 30                    # seconds of the recent past the rate (and ETA) is measured over
 TIMELINE_POINTS = 600               # samples of finished-over-time kept: the whole run, thinned
 DASHBOARD_BIND = "127.0.0.1"        # the manager's live page: loopback unless --dashboard says
@@ -305,7 +305,7 @@ def _digest(body):
 
 
 FRAMES = b"oden-frames "            # a body in frames starts so (a plain pickle starts with \x80)
-OUT_OF_BAND = 64 * 2 ** 10          # bytes: a task's pickle this large travels as a frame of its own
+OUT_OF_BAND = 64 * 2 ** 10          # bytes: a task's pickle this large is a frame of its own
 
 
 def encode(message):
@@ -330,7 +330,8 @@ def decode(body):
     end = body.index(b"\n", 0, 64 * 1024)
     sizes = [int(size) for size in body[len(FRAMES):end].split()]
     if not sizes or end + 1 + sum(sizes) != len(body):
-        raise ValueError("frames of %s bytes do not add up to a body of %d" % (sum(sizes), len(body)))
+        raise ValueError("frames of %s bytes do not add up to a body of %d"
+                         % (sum(sizes), len(body)))
     view, start, parts = memoryview(body), end + 1, []
     for size in sizes:
         parts.append(view[start:start + size])
@@ -363,11 +364,13 @@ class Codec:
             self._counter += 1
             counter = str(self._counter)
         size = body_size(body)
-        length = {} if isinstance(body, bytes) else {"Content-Length": str(size)}  # parts: not counted
+        # http.client counts the length of bytes, not of a list of parts: say it for those
+        length = {} if isinstance(body, bytes) else {"Content-Length": str(size)}
         if self.key is None:
             return body, dict(length, **{AUTH_HEADER: UNSIGNED}), None
         fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
-        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), str(size).encode())
+        signed = [field.encode() for field in fields]
+        mac = _mac(self.key, b"POST", path.encode(), *signed, str(size).encode())
         header = " ".join([AUTH_VERSION] + fields + [mac])
         return body, dict(length, **{AUTH_HEADER: header}), (self.session, counter)
 
@@ -376,12 +379,13 @@ class Codec:
         AuthError when it is not signed with our key."""
         if self.key is not None:
             if header is None or header == UNSIGNED:
-                raise AuthError(0, "it answers without a key: put the same oden.key next to its oden.py "
-                                   "(or set $%s) and restart it" % KEY_ENV)
+                raise AuthError(0, "it answers without a key: put the same oden.key next to its "
+                                   "oden.py (or set $%s) and restart it" % KEY_ENV)
             expected = "v1 " + _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(),
                                     str(status).encode(), _digest(body))
             if not hmac.compare_digest(header.encode(), expected.encode()):
-                raise AuthError(0, "its reply is not signed with our key: copy oden.key from this PC to it")
+                raise AuthError(0, "its reply is not signed with our key: copy oden.key from "
+                                   "this PC to it")
         return decode(body)
 
     # -- worker side ---------------------------------------------------
@@ -397,7 +401,8 @@ class Codec:
         if parts[0] == "v1":
             raise AuthError(401, "the manager runs an older oden.py: copy the project to both")
         if len(parts) != 7 or parts[0] != AUTH_VERSION or not parts[2].isdigit():
-            raise AuthError(401, "missing or malformed %s header: the sender has no key" % AUTH_HEADER)
+            raise AuthError(401, "missing or malformed %s header: the sender has no key"
+                            % AUTH_HEADER)
         _, session, counter, stamp, their_boot, digest, mac = parts
         expected = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in parts[1:6]),
                         str(length).encode())
@@ -435,15 +440,17 @@ class Codec:
             if counter <= last:
                 raise AuthError(403, "replayed request")
             self._seen[session] = (counter, now)
-            if len(self._seen) > 1000:
-                self._seen = {s: v for s, v in self._seen.items() if now - v[1] < 3 * MAX_CLOCK_SKEW}
+            if len(self._seen) > 1000:          # forget the sessions too old to send again
+                self._seen = {session: seen for session, seen in self._seen.items()
+                              if now - seen[1] < 3 * MAX_CLOCK_SKEW}
 
     def seal_reply(self, ticket, status, message):
         """Return (body, headers) of a reply, signed for the request of `ticket`."""
         body = encode(message)
         if self.key is None or ticket is None:
             return body, {AUTH_HEADER: UNSIGNED}
-        mac = _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(), str(status).encode(), _digest(body))
+        session, counter = ticket[0].encode(), ticket[1].encode()
+        mac = _mac(self.key, b"reply", session, counter, str(status).encode(), _digest(body))
         return body, {AUTH_HEADER: "v1 " + mac}
 
 
@@ -456,8 +463,8 @@ def load_key(key_file=None):
     """The shared key from $ODEN_KEY or the key file, or None when there is none."""
     if os.environ.get(KEY_ENV):
         if len(os.environ[KEY_ENV].strip()) < 16:
-            raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the contents "
-                            "of a file made by 'python3 oden.py init'" % KEY_ENV)
+            raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the "
+                            "contents of a file made by 'python3 oden.py init'" % KEY_ENV)
         key = os.environ[KEY_ENV].strip().encode()
         warn_weak_key(key, "$%s" % KEY_ENV, "and set $%s to what its file holds" % KEY_ENV)
         return key
@@ -521,7 +528,7 @@ def project_modules(script, folder):
             continue
         found.add(path)
         if path == os.path.abspath(__file__):
-            continue                     # oden.py imports the standard library alone: no need to read it
+            continue                     # oden.py imports the standard library alone: not read
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), path)
@@ -592,7 +599,8 @@ def project_path(folder, relative):
     with "..", or leads out through a link."""
     if not isinstance(relative, str) or not relative or "\0" in relative or \
             os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
-        raise ValueError("path %r is not inside the project folder" % printable(str(relative))[:200])
+        raise ValueError("path %r is not inside the project folder"
+                         % printable(str(relative))[:200])
     path = os.path.join(folder, *relative.split("/"))
     real_folder = os.path.realpath(folder)
     if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
@@ -725,7 +733,7 @@ class TaskOutput:
             yield kept
         finally:
             TaskOutput.local.kept = None
-            for stream in (sys.stdout, sys.stderr):     # a slot process may be killed later: keep nothing buffered
+            for stream in (sys.stdout, sys.stderr):  # its process may be killed: buffer nothing
                 with contextlib.suppress(Exception):
                     stream.flush()
 
@@ -752,10 +760,11 @@ def run_task(calc, index, task_bytes):
                                 "".join(kept)[-OUTPUT_TAIL:])
         try:
             result = dumps(value)
-        except Exception as e:             # some Pythons say only "AttributeError: Can't get local object"
-            return error_record(index, traceback.format_exc(), "PicklingError: calc returned a %s that cannot be "
-                                "pickled (%s): return plain data" % (type(value).__name__, one_line(e)),
-                                started, "".join(kept)[-OUTPUT_TAIL:])
+        except Exception as e:             # some Pythons say only "AttributeError: Can't get ..."
+            why = ("PicklingError: calc returned a %s that cannot be pickled (%s): return plain "
+                   "data" % (type(value).__name__, one_line(e)))
+            return error_record(index, traceback.format_exc(), why, started,
+                                "".join(kept)[-OUTPUT_TAIL:])
     return {"index": index, "ok": True, "result": result, "started": started,
             "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
 
@@ -926,7 +935,8 @@ class ProcessSlot(Slot):
         # and a late read costs one wake-up.
         self.lock = threading.Lock()
         self.closed = False
-        self.todo, self.records = [], []     # tasks of the batch not answered yet, and the records so far
+        self.todo = []                   # tasks of the batch not answered yet
+        self.records = []                # the batch's records so far
 
     def start(self):
         """Start the child; ready() waits until it can take work."""
@@ -1080,12 +1090,15 @@ class ThreadSlot(Slot):
         if batch.limit is None:
             return run_task(self.calc, index, task_bytes)
         box = []
-        thread = threading.Thread(target=lambda: box.append(run_task(self.calc, index, task_bytes)), daemon=True)
+        run = lambda: box.append(run_task(self.calc, index, task_bytes))
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         thread.join(batch.limit)
-        return box[0] if box else error_record(
-            index, "timed out after %s s (its thread could not be stopped and runs on)" % batch.limit,
-            "TimeoutError: timed out after %s s" % batch.limit)
+        if box:
+            return box[0]
+        return error_record(index, "timed out after %s s (its thread could not be stopped and "
+                                   "runs on)" % batch.limit,
+                            "TimeoutError: timed out after %s s" % batch.limit)
 
 
 class Batch:
@@ -1176,14 +1189,16 @@ class WorkerState:
     def start_slots(self):
         """Start the slots' children (all at once), then a thread per slot and the
         lease watch."""
-        self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
+        kind = ThreadSlot if self.threads else ProcessSlot
+        self.slot_objects = [kind(self.calc) for _ in range(self.slots)]
         atexit.register(self.stop_slots)     # slot processes are not daemonic: never wait on one
         for slot in self.slot_objects:
             slot.start()
         for slot in self.slot_objects:       # in parallel: all were started before the first wait
             slot.ready()
         for number, slot in enumerate(self.slot_objects, 1):
-            threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
+            threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number,
+                             daemon=True).start()
         threading.Thread(target=self._watch_leases, name="leases", daemon=True).start()
 
     def stop_slots(self):
@@ -1390,7 +1405,8 @@ class WorkerState:
     def others_at_work(self, run_id):
         """True while batches of a run other than `run_id` are queued or running here."""
         with self.lock:
-            return any(run.id != run_id and (run.queued or run.running) for run in self.runs.values())
+            return any(run.id != run_id and (run.queued or run.running)
+                       for run in self.runs.values())
 
     def status(self):
         """What the status routes show: counts and ages, never tasks or results."""
@@ -1405,10 +1421,11 @@ class WorkerState:
                      "running_task_ages": [round(age, 1) for age in running],
                      "done": self.done, "failed": self.failed, "runs": len(self.runs),
                      "code": self.code}
+        load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
         state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
                       "uptime": round(now - self.started, 1), "version": VERSION,
                       "python": platform.python_version(), "host": platform.node(),
-                      "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None})
+                      "load": load})
         return state
 
 
@@ -1774,9 +1791,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
     server_version = "oden/" + VERSION
     timeout = REQUEST_READ_TIMEOUT           # a slow or truncated body times out here
-    disable_nagle_algorithm = True           # a reply in two writes must not wait 40 ms for a delayed ACK
-    wbufsize = -1                            # buffered: headers and body leave in one write (flushed per request)
-    error_message_format = "%(message)s\n"   # http.server's own refusals (bad request line...): one line too
+    disable_nagle_algorithm = True           # a reply in two writes: no 40 ms wait for an ACK
+    wbufsize = -1                            # headers and body leave in one write, once a request
+    error_message_format = "%(message)s\n"   # http.server's own refusals: one line too
     error_content_type = "text/plain; charset=utf-8"
     post_routes = {"/hello": lambda server, m: dict(server.state.hello(), **server.keeper.hello(m)),
                    "/submit": lambda server, m: server.state.submit(m),
@@ -1868,7 +1885,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     def _content_length(self):
         """The POST's Content-Length, or None once it is refused (411, 413)."""
         length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):      # isdigit alone passes "²", which int() refuses
+        if not (length.isascii() and length.isdigit()):   # isdigit() alone passes "²": int() fails
             self._refuse(411, "a POST needs a Content-Length")
             return None
         if len(length) > 15 or int(length) > self.server.max_body:
@@ -1913,7 +1930,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
 
     def _fail(self, code, reason):
         self.close_connection = True
-        self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8", {"Connection": "close"})
+        self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8",
+                   {"Connection": "close"})
 
     def _refuse(self, code, reason):
         """_fail() for a request that proves no key: logged through the server's Refusals."""
@@ -1922,8 +1940,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self._fail(code, reason)
 
     def __getattr__(self, attribute):
-        if attribute.startswith("do_"):          # PUT, DELETE, ...: 405 rather than http.server's 501
-            return lambda: self._fail(405, "method %s is not allowed: use GET or POST" % attribute[3:])
+        if attribute.startswith("do_"):          # PUT, DELETE, ...: 405, not http.server's 501
+            why = "method %s is not allowed: use GET or POST" % attribute[3:]
+            return lambda: self._fail(405, why)
         raise AttributeError(attribute)
 
     def handle_one_request(self):
@@ -1998,12 +2017,13 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, state, codec, show_status, max_body, tls=None,
-                 max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT, keeper=None):
+                 max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT,
+                 keeper=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WorkerHandler)
-        self.state, self.codec, self.show_status, self.max_body, self.tls = state, codec, show_status, max_body, tls
-        self.keeper = keeper
+        self.state, self.codec, self.keeper = state, codec, keeper
+        self.show_status, self.max_body, self.tls = show_status, max_body, tls
         self.request_timeout = request_timeout
         self.refusals = Refusals()
         self.connections = Connections(max_connections, request_timeout, self.refusals)
@@ -2085,7 +2105,8 @@ def run_worker(job, args):
                         "here). Run 'python3 oden.py init' on your PC and copy %s here (or set "
                         "$%s), or pass --insecure on a network you trust" % (KEY_FILE, KEY_ENV))
     if key is None:
-        log.warning("no key (%s or $%s): anyone who can reach this port can run code here", KEY_FILE, KEY_ENV)
+        log.warning("no key (%s or $%s): anyone who can reach this port can run code here",
+                    KEY_FILE, KEY_ENV)
     tls = None
     if args.certfile:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2113,9 +2134,9 @@ def run_worker(job, args):
                         % (args.bind, args.port, e.strerror or e))
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
+    mode = "threads" if args.threads else "processes"
     print("oden worker listening on %s://%s:%d (%d slots, %s, code %s)"
-          % ("https" if tls else "http", shown, port, state.slots, "threads" if args.threads else "processes",
-             state.code), flush=True)
+          % ("https" if tls else "http", shown, port, state.slots, mode, state.code), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever(poll_interval=0.5)
@@ -3111,8 +3132,8 @@ class HostRunner:
 #
 # {name}{host number}_{timestamp}_{task index}.done.pickle   a success: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
-# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
-#                                                            of one poll reply, named by its first task
+# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the
+#                                        successes of one poll reply, named by its first task
 # {name}_{timestamp}.log                                     the manager's log of that run
 # {name}_{timestamp}.html                                    its report (see "Seeing a run")
 # .{name}.lock                                               held by the manager running `name`
@@ -3198,8 +3219,8 @@ def result_paths(folder, name, errors=False):
     found = []
     for suffix in (ERROR_SUFFIX,) if errors else (DONE_SUFFIX, PACK_SUFFIX):
         pattern = name_pattern(name, suffix)
-        found += [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
-                  if pattern.match(os.path.basename(p))]
+        candidates = os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix)
+        found += [p for p in glob.glob(candidates) if pattern.match(os.path.basename(p))]
     return sorted(found, key=os.path.getmtime)
 
 
@@ -3210,7 +3231,8 @@ def read_records(paths, on_bad=None):
     for path in paths:
         try:
             loaded = load_result_file(path)
-            records = loaded if path.endswith(PACK_SUFFIX) and isinstance(loaded, list) else [loaded]
+            pack = path.endswith(PACK_SUFFIX) and isinstance(loaded, list)
+            records = loaded if pack else [loaded]
             if not all(isinstance(record, dict) and "task" in record for record in records):
                 raise ValueError("not an oden result record")
         except ClassNotFound as e:           # passed on as it is: skipped_text() tells it apart
@@ -3382,7 +3404,8 @@ def remove_temporaries(folder, name):
     """Remove the temporary files that a killed manager of run `name` left: not those a running
     manager of a longer name ("sim2" for "sim") may be writing now."""
     stale = []
-    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + TEMP_MARK + "*")):
+    temporaries = os.path.join(glob.escape(folder), glob.escape(name) + "*" + TEMP_MARK + "*")
+    for path in glob.glob(temporaries):
         base = os.path.basename(path).split(TEMP_MARK)[0]
         match = next(filter(None, (name_pattern(name, suffix).match(base)
                                    for suffix in (DONE_SUFFIX, ERROR_SUFFIX, PACK_SUFFIX))), None)
@@ -3415,11 +3438,12 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read(200).strip() or "another process"
             self.release()
-            raise OdenError("a manager of run %r is running in %s already (%s): wait for it to end, "
-                            "use another --name or --folder, or pass --concurrent to run both"
+            raise OdenError("a manager of run %r is running in %s already (%s): wait for it to "
+                            "end, use another --name or --folder, or pass --concurrent to run both"
                             % (self.name, os.path.abspath(self.folder), printable(holder)))
         self.file.truncate(0)
-        self.file.write("pid %d on %s since %s" % (os.getpid(), platform.node(), time.strftime("%X")))
+        self.file.write("pid %d on %s since %s"
+                        % (os.getpid(), platform.node(), time.strftime("%X")))
         self.file.flush()
 
     def held_elsewhere(self):
@@ -3897,7 +3921,9 @@ class Progress:
         # `lock` guards `width` and the stream: write() comes from every thread that logs,
         # tick() and close() from the drive loop.
         self.lock = threading.Lock()
-        self.console = [h for h in log.handlers if getattr(h, "stream", None) is stream] if self.tty else []
+        # On a terminal, the console log handlers write through write() below
+        self.console = [h for h in log.handlers
+                        if self.tty and getattr(h, "stream", None) is stream]
         for handler in self.console:
             handler.setStream(self)
 
@@ -4019,6 +4045,7 @@ def summary_table(run):
 
 
 FILE_ONLY = {"file_only": True}         # extra= of a log record for the log file, not the console
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 class EscapingFormatter(logging.Formatter):
@@ -4043,17 +4070,17 @@ def setup_logging(verbose=0, quiet=False, log_path=None):
     for handler in root.handlers:
         handler.close()
     root.handlers[:] = []
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task costs: only with -v
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task: only with -v
     root.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.DEBUG)
-    console.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S",
+    console.setFormatter(EscapingFormatter(LOG_FORMAT, "%H:%M:%S",
                                            getattr(sys.stderr, "encoding", None)))
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_path:
         handler = logging.FileHandler(log_path, encoding="utf-8")
-        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", None, "utf-8"))
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT, None, "utf-8"))
         root.addHandler(handler)
 
 
@@ -4805,10 +4832,11 @@ def run_local(job, settings, argv):
     worker_log = open(os.path.join(settings.folder, workers_log_name(settings.name, stamp)), "ab")
     workers = []
     try:
+        script = os.path.abspath(sys.argv[0])
         for _ in range(settings.workers):
-            workers.append(start_worker_process(os.path.abspath(sys.argv[0]), env, slots, worker_log,
-                                                settings.threads))
-        settings.host_list = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
+            workers.append(start_worker_process(script, env, slots, worker_log, settings.threads))
+        settings.host_list = [Host(number, "127.0.0.1", port)
+                              for number, (_, port) in enumerate(workers, 1)]
         return run_manager(job, settings, settings.resume, argv, stamp)
     finally:
         for process, _ in workers:
@@ -4818,7 +4846,8 @@ def run_local(job, settings, argv):
 
 def start_worker_process(script, env, slots, log_file, threads=False):
     """Start `python3 script worker` on a free loopback port; return (process, port)."""
-    command = [sys.executable, script, "worker", "--bind", "127.0.0.1", "--port", "0", "--slots", str(slots)]
+    command = [sys.executable, script, "worker", "--bind", "127.0.0.1", "--port", "0",
+               "--slots", str(slots)]
     process = subprocess.Popen(command + (["--threads"] if threads else []), env=env,
                                stdout=subprocess.PIPE, stderr=log_file)
     port = read_port_within(process, 30, log_file)
@@ -4883,8 +4912,8 @@ def client_tls(cafile):
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as e:
-        raise OdenError("cannot load --cafile %s (%s): give the CA or certificate (PEM) the workers use"
-                        % (cafile, getattr(e, "strerror", None) or e))
+        raise OdenError("cannot load --cafile %s (%s): give the CA or certificate (PEM) the "
+                        "workers use" % (cafile, getattr(e, "strerror", None) or e))
 
 
 def fetch_status(host, request_timeout, tls=None):
@@ -5015,8 +5044,8 @@ def run_push(job, settings):
             hello = client.connect(manifest)
             if not hello.get("stale"):
                 return "up to date"
-            push_code(client, host, manifest, hello, "push-" + secrets.token_hex(4), settings.max_push,
-                      settings.name)
+            push_id = "push-" + secrets.token_hex(4)
+            push_code(client, host, manifest, hello, push_id, settings.max_push, settings.name)
             return "pushed %d files" % len(hello["stale"])
         except HostError as e:
             return "FAILED: %s" % e
@@ -5083,8 +5112,9 @@ def cut(text, full=False):
 
 def plain_record(record, superseded=False):
     """A record as `results --json` and `--csv` show it: no traceback, no output."""
-    return {"index": record["index"], "status": "done" if "result" in record else "error", "task": record["task"],
-            "result": record.get("result"), "exception": record.get("exception"), "host": record["host"],
+    return {"index": record["index"], "status": "done" if "result" in record else "error",
+            "task": record["task"], "result": record.get("result"),
+            "exception": record.get("exception"), "host": record["host"],
             "seconds": task_seconds(record), "run": record["run"], "superseded": superseded}
 
 
@@ -5158,8 +5188,9 @@ OPTIONAL_SETTINGS = {               # what a user section that leaves a setting 
     "hosts": None, "task_timeout": None, "chunksize": None, "files": (),
     "handle_finish_machine": lambda uri, name: None, "handle_finish_tasks": lambda: None,
     "show_status": lambda: "oden worker"}
-USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "files", "make_tasks",
-                 "calc", "handle_finish_machine", "handle_finish_tasks", "show_status")
+USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize",
+                 "files", "make_tasks", "calc", "handle_finish_machine", "handle_finish_tasks",
+                 "show_status")
 
 
 class Job:
@@ -5181,8 +5212,8 @@ class Job:
         if overrides:
             missing = [f for f in ("make_tasks", "calc") if f not in overrides]
             if missing:
-                raise OdenError("oden.main() needs %s: pass your own functions, e.g. "
-                                "oden.main(make_tasks=make_tasks, calc=calc)" % " and ".join(missing))
+                raise OdenError("oden.main() needs %s: pass your own functions, e.g. oden.main("
+                                "make_tasks=make_tasks, calc=calc)" % " and ".join(missing))
             script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "oden"
             defaults.update(name=script, show_status=lambda: "oden worker for run %r" % self.name)
         for setting in USER_SETTINGS:
@@ -5209,53 +5240,82 @@ def build_parser(job):
     def command(name_, help_):
         return commands.add_parser(name_, help=help_, description=help_)
 
+    def key_file(p):
+        p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s "
+                                          "wins)" % (KEY_FILE, KEY_ENV))
+
     def manager_options(p):
-        p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file (default: the 'hosts' setting, else hosts.txt next to the script)")
-        p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds for every HTTP request (default %(default)s)")
-        p.add_argument("--interval-polling", type=positive_float, default=job.interval_polling, help="longest wait of one poll, seconds (default %(default)s)")
-        p.add_argument("--task-timeout", type=positive_float, default=job.task_timeout, help="seconds a task may run before it is an error (default: %(default)s)")
-        p.add_argument("--chunksize", type=positive_int, default=job.chunksize, help="tasks per batch (default: automatic)")
-        p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS, help="connection failures a task survives (default %(default)s)")
-        p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS, help="worker deaths a task may witness before it is an error (default %(default)s)")
-        p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER, help="stop when every host has been down this many seconds (default %(default)s)")
-        p.add_argument("--pack", action="store_true", help="write the successes that arrive together into one "
-                       ".pack.pickle file (a list of records): for very many small tasks")
-        p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
+        p.add_argument("--hosts", dest="hosts_file", metavar="FILE",
+                       help="hosts file (default: the 'hosts' setting, else hosts.txt next to the "
+                            "script)")
+        p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                       help="seconds for every HTTP request (default %(default)s)")
+        p.add_argument("--interval-polling", type=positive_float, default=job.interval_polling,
+                       help="longest wait of one poll, seconds (default %(default)s)")
+        p.add_argument("--task-timeout", type=positive_float, default=job.task_timeout,
+                       help="seconds a task may run before it is an error (default: %(default)s)")
+        p.add_argument("--chunksize", type=positive_int, default=job.chunksize,
+                       help="tasks per batch (default: automatic)")
+        p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS,
+                       help="connection failures a task survives (default %(default)s)")
+        p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS,
+                       help="worker deaths a task may witness before it is an error (default "
+                            "%(default)s)")
+        p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER,
+                       help="stop when every host has been down this many seconds (default "
+                            "%(default)s)")
+        p.add_argument("--pack", action="store_true",
+                       help="write the successes that arrive together into one .pack.pickle file "
+                            "(a list of records): for very many small tasks")
+        p.add_argument("--speculate", action="store_true",
+                       help="run a backup copy of the slowest task on idle hosts at the end")
         p.add_argument("--no-keepalive", dest="keepalive", action="store_false",
                        help="a new connection for every request")
         p.add_argument("--max-reply", type=positive_int, default=MAX_REPLY,
                        help="largest answer from a worker in bytes; raise it for huge results "
                             "(default %(default)s)")
-        p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
-        p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
-        p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code to "
-                       "a worker in bytes (default %(default)s)")
-        p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
-        p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
-                       "this name runs in this folder (both write files of the run)")
+        p.add_argument("--cafile",
+                       help="talk TLS (https) to the workers, trusting this CA or certificate")
+        p.add_argument("--insecure", action="store_true",
+                       help="no key: send and accept unsigned messages")
+        p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                       help="largest push of code to a worker in bytes (default %(default)s)")
+        p.add_argument("--yes", action="store_true",
+                       help="start even when result files of this name exist")
+        p.add_argument("--concurrent", action="store_true",
+                       help="run even while another manager of this name runs in this folder "
+                            "(both write files of the run)")
         p.add_argument("--dashboard", type=dashboard_address, default=(DASHBOARD_BIND, 0),
                        metavar="HOST:PORT", help="where the run's live page listens (default: %s, "
                        "a free port)" % DASHBOARD_BIND)
         p.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None,
                        help="no live page (the report is written all the same)")
-        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="only warnings and errors, no progress line")
         p.add_argument("-v", "--verbose", action="count", default=0, help="log every task")
 
     def common(p):
-        p.add_argument("--name", default=job.name, help="the run's name, prefix of its files (default %(default)s)")
-        p.add_argument("--folder", default=".", help="where result files and logs go (default: current folder)")
-        p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+        p.add_argument("--name", default=job.name,
+                       help="the run's name, prefix of its files (default %(default)s)")
+        p.add_argument("--folder", default=".",
+                       help="where result files and logs go (default: current folder)")
+        key_file(p)
 
     p = command("worker", "serve tasks on this machine (run it on every remote)")
-    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port to listen on (default %(default)s; 0 picks a free one)")
-    p.add_argument("--bind", default=DEFAULT_BIND, help="address to listen on (default %(default)s)")
-    p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1, help="tasks at once (default: the number of cores, %(default)s)")
-    p.add_argument("--threads", action="store_true", help="run calc in threads of this process instead of child processes")
-    p.add_argument("--max-body", type=positive_int, default=MAX_BODY, help="largest request in bytes (default %(default)s)")
-    p.add_argument("--no-push", action="store_true", help="never take code pushed by a manager: "
-                   "copy the project here yourself")
-    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code "
-                   "in bytes (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help="port to listen on (default %(default)s; 0 picks a free one)")
+    p.add_argument("--bind", default=DEFAULT_BIND,
+                   help="address to listen on (default %(default)s)")
+    p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1,
+                   help="tasks at once (default: the number of cores, %(default)s)")
+    p.add_argument("--threads", action="store_true",
+                   help="run calc in threads of this process instead of child processes")
+    p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
+                   help="largest request in bytes (default %(default)s)")
+    p.add_argument("--no-push", action="store_true",
+                   help="never take code pushed by a manager: copy the project here yourself")
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                   help="largest push of code in bytes (default %(default)s)")
     p.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                    help="connections served at once; idle ones close first (default %(default)s, "
                         "fewer at a low open-file limit)")
@@ -5268,7 +5328,7 @@ def build_parser(job):
                    help="serve without a key: anyone who reaches the port can run code "
                         "(trusted networks only)")
     p.add_argument("--name", default=job.name, help=argparse.SUPPRESS)
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+    key_file(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every request")
     for mode, text in (("manager", "run every task on the hosts in hosts.txt"),
                        ("resume", "run only the tasks without a saved success")):
@@ -5276,26 +5336,30 @@ def build_parser(job):
         manager_options(p)
         common(p)
     p = command("local", "run the job on loopback workers on this machine (try this first)")
-    p.add_argument("--workers", type=positive_int, default=3, help="worker processes (default %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=3,
+                   help="worker processes (default %(default)s)")
     p.add_argument("--slots", type=positive_int, help="slots per worker (default: cores / workers)")
     p.add_argument("--threads", action="store_true", help="workers run calc in threads")
-    p.add_argument("--resume", action="store_true", help="run only the tasks without a saved success")
+    p.add_argument("--resume", action="store_true",
+                   help="run only the tasks without a saved success")
     manager_options(p)
     common(p)
     command("test", "run calc on every task here, in this process, and print each outcome")
     p = command("status", "show the state of every host, and why one would not take this "
                           "project's work")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)"
-                   % (KEY_FILE, KEY_ENV))
-    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
+    key_file(p)
+    p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                   help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
     p = command("push", "bring every host's code to this project's, without running anything")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
-    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per request (default %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                   help="seconds per request (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
-    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push in bytes (default %(default)s)")
+    key_file(p)
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                   help="largest push in bytes (default %(default)s)")
     p = command("results", "print the saved results of a run: the latest outcome of each task, in "
                            "task order")
     p.add_argument("--errors", action="store_true", help="include errors")
@@ -5308,7 +5372,8 @@ def build_parser(job):
                        help="the outcomes of one run (the stamp in its files: 20240101-120000)")
     p.add_argument("--full", action="store_true", help="show long tasks and results in full")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
+    group.add_argument("--json", dest="format", action="store_const", const="json",
+                       help="JSON list of records")
     group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV table")
     common(p)
     p = command("init", "create the key file that workers and manager share")
@@ -5317,7 +5382,8 @@ def build_parser(job):
 
 
 def argument_type(convert, allowed, kind, bounds):
-    """An argparse type: `convert` the text, then check it is `allowed`; errors say `kind` or `bounds`."""
+    """An argparse type: `convert` the text, then check it is `allowed`; its errors say `kind`
+    (not convertible) or `bounds` (not allowed)."""
     def parse(text):
         try:
             value = convert(text)
@@ -5363,7 +5429,8 @@ def dispatch(job, settings, argv):
     if settings.command == "results":
         return run_results(settings)
     setup_logging(getattr(settings, "verbose", 0), getattr(settings, "quiet", False))
-    settings.host_list = None if settings.command == "local" else read_hosts(job.hosts, settings.hosts_file)
+    settings.host_list = (None if settings.command == "local"
+                          else read_hosts(job.hosts, settings.hosts_file))
     if settings.command == "status":
         return run_status(job, settings)
     if settings.command == "push":
@@ -5413,9 +5480,10 @@ def run_command(argv, user_settings):
         print("oden: error: %s" % e, file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("oden: %s" % ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr)
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print("oden: %s" % how, file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except BrokenPipeError:                  # output piped into `head` and the like, which stopped reading
+    except BrokenPipeError:                  # output piped into `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
