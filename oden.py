@@ -4993,6 +4993,13 @@ def why_unusable(host, key, settings, tls, manifest):
     return None
 
 
+def on_every_host(function, hosts):
+    """[function(host) for host in hosts], called for the hosts at once (64 at a time at most):
+    a command waits for its slowest host, not for the sum of them."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        return list(pool.map(function, hosts))
+
+
 def run_status(job, settings):
     """The `status` command: every host's state, and whether it would take our work and why not."""
     tls = client_tls(settings.cafile)
@@ -5006,8 +5013,7 @@ def run_status(job, settings):
         state = fetch_status(host, settings.timeout, tls)
         return state, state.get("error") or why_unusable(host, key, settings, tls, manifest)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        probes = list(pool.map(probe, hosts))
+    probes = on_every_host(probe, hosts)
     rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task",
              "usable")]
     for host, (state, problem) in zip(hosts, probes):
@@ -5052,8 +5058,7 @@ def run_push(job, settings):
         finally:
             client.close()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        outcomes = list(pool.map(push_one, hosts))
+    outcomes = on_every_host(push_one, hosts)
     print(format_table([("host", "code")] + [(h.label, o) for h, o in zip(hosts, outcomes)]))
     return 1 if any(o.startswith("FAILED") for o in outcomes) else 0
 
