@@ -1090,8 +1090,8 @@ class ThreadSlot(Slot):
         if batch.limit is None:
             return run_task(self.calc, index, task_bytes)
         box = []
-        run = lambda: box.append(run_task(self.calc, index, task_bytes))
-        thread = threading.Thread(target=run, daemon=True)
+        work = lambda: box.append(run_task(self.calc, index, task_bytes))
+        thread = threading.Thread(target=work, daemon=True)
         thread.start()
         thread.join(batch.limit)
         if box:
@@ -1187,8 +1187,8 @@ class WorkerState:
         self.stopping = False        # set on shutdown: batches cut off then are never reported
 
     def start_slots(self):
-        """Start the slots' children (all at once), then a thread per slot and the
-        lease watch."""
+        """Start the slots (process slots' children boot side by side), then a thread per
+        slot and the thread that watches the runs' leases."""
         kind = ThreadSlot if self.threads else ProcessSlot
         self.slot_objects = [kind(self.calc) for _ in range(self.slots)]
         atexit.register(self.stop_slots)     # slot processes are not daemonic: never wait on one
@@ -3132,8 +3132,9 @@ class HostRunner:
 #
 # {name}{host number}_{timestamp}_{task index}.done.pickle   a success: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
-# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the
-#                                        successes of one poll reply, named by its first task
+# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: the successes of one
+#                                                            poll reply (a list), named by its
+#                                                            first task
 # {name}_{timestamp}.log                                     the manager's log of that run
 # {name}_{timestamp}.html                                    its report (see "Seeing a run")
 # .{name}.lock                                               held by the manager running `name`
@@ -3921,7 +3922,7 @@ class Progress:
         # `lock` guards `width` and the stream: write() comes from every thread that logs,
         # tick() and close() from the drive loop.
         self.lock = threading.Lock()
-        # On a terminal, the console log handlers write through write() below
+        # on a terminal, the console's log handlers write through this object (write below)
         self.console = [h for h in log.handlers
                         if self.tty and getattr(h, "stream", None) is stream]
         for handler in self.console:
