@@ -147,6 +147,7 @@ def calc(task):
 
 
 def merge_sort(xs):
+    """Merge sort, returning a new sorted list."""
     if len(xs) <= 1:
         return xs
     left, right = merge_sort(xs[:len(xs) // 2]), merge_sort(xs[len(xs) // 2:])
@@ -157,6 +158,7 @@ def merge_sort(xs):
 
 
 def quick_sort(xs):
+    """Quicksort on the first element: slow, and too deep, on sorted input."""
     if len(xs) <= 1:
         return xs
     pivot = xs[0]  # the deliberate bug: on sorted input this recurses len(xs) deep
@@ -1816,6 +1818,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.deadline = None
 
     def do_GET(self):
+        """The status routes: / (a page), /status (a line), /status.json; for anyone."""
         self.server.connections.move(self.request, Connections.WORKING)
         state = self.server.state
         path = self.path.split("?")[0]
@@ -1831,6 +1834,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             self._fail(404, "no such page: try / or /status")
 
     def do_POST(self):
+        """A signed request: check the head, read the body within its deadline,
+        check the message, run its route, answer signed.  Every failure is one line."""
         route = self.post_routes.get(self.path)
         if route is None:
             return self._fail(404, "no such route %r" % self.path[:80])
@@ -3161,26 +3166,32 @@ STAMP = r"\d{8}-\d{6}(?:-\d+)?"
 
 
 def result_file_name(name, host_number, stamp, index, suffix):
+    """The file of one outcome (or, with PACK_SUFFIX, of a pack): see above."""
     return "%s%d_%s_%d%s" % (name, host_number, stamp, index, suffix)
 
 
 def log_file_name(name, stamp):
+    """The manager's log of run `name` started at `stamp`."""
     return "%s_%s.log" % (name, stamp)
 
 
 def report_file_name(name, stamp):
+    """The run's report: its live page, frozen at the end."""
     return "%s_%s.html" % (name, stamp)
 
 
 def workers_log_name(name, stamp):
+    """What the loopback workers of `local` print."""
     return "%s_%s.workers.log" % (name, stamp)
 
 
 def lock_file_name(name):
+    """The file RunLock locks for run `name`."""
     return ".%s.lock" % name
 
 
 def timestamp():
+    """Now as a run's stamp: YYYYmmdd-HHMMSS (claim_stamp makes it unique)."""
     return time.strftime("%Y%m%d-%H%M%S")
 
 
@@ -4728,6 +4739,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        """The live page (/) or its figures (/status.json)."""
         server = self.server
         path = self.path.split("?")[0]
         if server.loopback_only and not is_loopback_name(self.headers.get("Host", "")):
