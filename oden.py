@@ -56,9 +56,10 @@ position in the list make_tasks() returned.
 Locks.  The manager: TaskBoard.changed guards the board (queue, copies, attempts, hunger,
 batch ids); ResultStore.lock its claims and failure, ResultStore.changed its writer's queue;
 Tally.lock the counts; Fleet.lock which hosts are up or refuse; each HostRunner and HostClient
-belongs to its host's thread alone; a RunContext is frozen.  The worker: WorkerState.lock guards its runs, their
-batches and the counts; a slot's thread owns its Slot.  Codec._lock guards a session's counter
-and the replay guard.  Each class says where it reads without a lock, and why.
+belongs to its host's thread alone; a RunContext is frozen.  The worker: WorkerState.lock
+guards its runs, their batches and the counts; a slot's thread owns its Slot.  Codec._lock
+guards a session's counter and the replay guard.  Each class says where it reads without a
+lock, and why.
 
 SECURITY: a worker runs the code it is sent, and both ends unpickle what they
 receive.  Every POST is signed with HMAC-SHA256 under a shared key
@@ -123,13 +124,13 @@ except ImportError:
     import msvcrt
 
 # ------ User write below ------
-hosts = None          # host names, one per line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
+hosts = None          # one a line: "host", "host:port" or "[ipv6]:port"; None reads hosts.txt
 name = "sort"         # the run's name: every result file starts with it
-interval_polling = 1  # seconds: how long one poll may wait on a worker before the host is asked again
+interval_polling = 1  # seconds one poll may wait on a worker before the host is asked again
 timeout = 10          # seconds for every HTTP request (connecting, sending, receiving)
-task_timeout = None   # seconds one task may run before it is recorded as an error; None: no limit
-chunksize = None      # tasks per batch sent to a worker slot; None: automatic (batches of about 0.05 s)
-files = []            # glob patterns (relative to this folder) of data files calc reads: pushed with the code
+task_timeout = None   # seconds one task may run before it is an error; None: no limit
+chunksize = None      # tasks per batch sent to a slot; None: automatic (batches of about 0.05 s)
+files = []            # glob patterns (in this folder) of files calc reads: pushed with the code
 
 
 def make_tasks():
@@ -153,6 +154,7 @@ def calc(task):
 
 
 def merge_sort(xs):
+    """Merge sort, returning a new sorted list."""
     if len(xs) <= 1:
         return xs
     left, right = merge_sort(xs[:len(xs) // 2]), merge_sort(xs[len(xs) // 2:])
@@ -163,6 +165,7 @@ def merge_sort(xs):
 
 
 def quick_sort(xs):
+    """Quicksort on the first element: slow, and too deep, on sorted input."""
     if len(xs) <= 1:
         return xs
     pivot = xs[0]  # the deliberate bug: on sorted input this recurses len(xs) deep
@@ -198,7 +201,7 @@ KEY_FILE = "oden.key"               # next to the main script; travels with the 
 KEY_ENV = "ODEN_KEY"                # overrides the key file
 START_METHOD_ENV = "ODEN_START_METHOD"   # a worker's slot processes start so (spawn, forkserver)
 PICKLE_PROTOCOL = 4                 # readable by every Python from 3.8 on
-MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid; bounds tolerated clock drift
+MAX_CLOCK_SKEW = 300                # seconds a signed request stays valid: the clock drift allowed
 MAX_BODY = 256 * 2 ** 20            # bytes; a larger request is refused before it is read
 REQUEST_BYTES = 32 * 2 ** 20        # bytes of tasks past which a request takes no further batch
 PREFETCH_BYTES = 16 * 2 ** 20       # batches beyond a host's slots only while they are smaller
@@ -218,15 +221,15 @@ SMALL_REPLY = 2 ** 20               # bytes: most a /hello answer, error text, /
 WATCH_EVERY = 0.1                   # s between checks for manager requests past their deadline
 MAX_POLL_WAIT = 60                  # seconds a worker holds one long poll at most
 PREFETCH = 2                        # batches per host beyond its slots, at least (and one per slot)
-PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips per task,
+PREFETCH_SHORT = 6                  # ... when batches take under SHORT_BATCH s: fewer round trips,
 SHORT_BATCH = 0.01                  #     at the price of a less even end of the run
 LONG_BATCH = 1.0                    # batches longer than this: one beyond the slots is enough
 WRITER_BACKLOG = 1000               # results waiting for the writer before host threads wait for it
-WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, running, unacked)
+WORKER_BACKLOG = 16                 # batches a worker holds beyond 2 x slots (queued, run, unacked)
 BATCH_SECONDS = 0.05                # automatic chunksize aims at batches this long
 MAX_CHUNK = 2000                    # automatic chunksize never exceeds this many tasks
-MAX_ATTEMPTS = 5                    # infrastructure failures (connection, timeout) before a task is an error
-MAX_DEATHS = 3                      # worker deaths a task may witness before it is an error (poison task)
+MAX_ATTEMPTS = 5                    # connection failures and time-outs before a task is an error
+MAX_DEATHS = 3                      # worker deaths a task may see before it is an error (poison)
 GIVE_UP_AFTER = 300                 # seconds every host may be down before the manager stops
 BACKOFF = (0.5, 30)                 # first and longest wait between reconnects to a down host
 SLOT_BACKOFF = (0.1, 5)             # first and longest wait of a slot whose process fails to start
@@ -235,7 +238,7 @@ RUN_LEASE = 180                     # seconds a silent manager run keeps its bat
 RUN_QUIET = 10                      # seconds of silence after which a run's batches queue last
 LEASE_ENV = "ODEN_RUN_LEASE"        # overrides RUN_LEASE (tests use a short lease)
 PROGRESS_TTY_EVERY = 0.2            # seconds between redraws of the progress line on a terminal
-PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is not a terminal
+PROGRESS_LOG_EVERY = 10             # seconds between progress log lines when stderr is no terminal
 RATE_WINDOW = 30                    # seconds of the recent past the rate (and ETA) is measured over
 TIMELINE_POINTS = 600               # samples of finished-over-time kept: the whole run, thinned
 DASHBOARD_BIND = "127.0.0.1"        # the manager's live page: loopback unless --dashboard says
@@ -260,6 +263,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame):
+    """The SIGTERM handler of a manager: stop as Ctrl-C does (see Terminated)."""
     raise Terminated()
 
 
@@ -293,6 +297,7 @@ class AuthError(Exception):
 
 
 def dumps(obj):
+    """Pickle `obj` as every message and file of oden is pickled (PICKLE_PROTOCOL)."""
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
@@ -309,7 +314,7 @@ def _digest(body):
 
 
 FRAMES = b"oden-frames "            # a body in frames starts so (a plain pickle starts with \x80)
-OUT_OF_BAND = 64 * 2 ** 10          # bytes: a task's pickle this large travels as a frame of its own
+OUT_OF_BAND = 64 * 2 ** 10          # bytes: a task's pickle this large is a frame of its own
 
 
 def encode(message):
@@ -334,7 +339,8 @@ def decode(body):
     end = body.index(b"\n", 0, 64 * 1024)
     sizes = [int(size) for size in body[len(FRAMES):end].split()]
     if not sizes or end + 1 + sum(sizes) != len(body):
-        raise ValueError("frames of %s bytes do not add up to a body of %d" % (sum(sizes), len(body)))
+        raise ValueError("frames of %s bytes do not add up to a body of %d"
+                         % (sum(sizes), len(body)))
     view, start, parts = memoryview(body), end + 1, []
     for size in sizes:
         parts.append(view[start:start + size])
@@ -343,6 +349,7 @@ def decode(body):
 
 
 def body_size(body):
+    """The bytes of a body as encode() makes it: bytes, or a list of parts."""
     return len(body) if isinstance(body, (bytes, bytearray)) else sum(len(part) for part in body)
 
 
@@ -354,8 +361,8 @@ class Codec:
         self.key = key
         self.session = secrets.token_hex(8)
         self._counter = 0
-        self._lock = threading.Lock()
-        self._seen = {}            # session -> (last counter, last time seen); the worker's replay guard
+        self._lock = threading.Lock()  # guards _counter (any thread that sends) and _seen
+        self._seen = {}            # session -> (last counter, last time seen): the replay guard
 
     # -- manager side --------------------------------------------------
     def seal_request(self, path, message, boot):
@@ -366,23 +373,28 @@ class Codec:
             self._counter += 1
             counter = str(self._counter)
         size = body_size(body)
-        length = {} if isinstance(body, bytes) else {"Content-Length": str(size)}  # parts: not counted
+        # http.client counts the length of bytes, not of a list of parts: say it for those
+        length = {} if isinstance(body, bytes) else {"Content-Length": str(size)}
         if self.key is None:
             return body, dict(length, **{AUTH_HEADER: UNSIGNED}), None
         fields = [self.session, counter, str(int(time.time())), boot or "-", _digest(body).decode()]
-        mac = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in fields), str(size).encode())
+        signed = [field.encode() for field in fields]
+        mac = _mac(self.key, b"POST", path.encode(), *signed, str(size).encode())
         header = " ".join([AUTH_VERSION] + fields + [mac])
         return body, dict(length, **{AUTH_HEADER: header}), (self.session, counter)
 
     def open_reply(self, ticket, status, header, body):
+        """Check a reply's signature against the request's `ticket`, then unpickle it;
+        AuthError when it is not signed with our key."""
         if self.key is not None:
             if header is None or header == UNSIGNED:
-                raise AuthError(0, "it answers without a key: put the same oden.key next to its oden.py "
-                                   "(or set $%s) and restart it" % KEY_ENV)
+                raise AuthError(0, "it answers without a key: put the same oden.key next to its "
+                                   "oden.py (or set $%s) and restart it" % KEY_ENV)
             expected = "v1 " + _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(),
                                     str(status).encode(), _digest(body))
             if not hmac.compare_digest(header.encode(), expected.encode()):
-                raise AuthError(0, "its reply is not signed with our key: copy oden.key from this PC to it")
+                raise AuthError(0, "its reply is not signed with our key: copy oden.key from "
+                                   "this PC to it")
         return decode(body)
 
     # -- worker side ---------------------------------------------------
@@ -398,7 +410,8 @@ class Codec:
         if parts[0] == "v1":
             raise AuthError(401, "the manager runs an older oden.py: copy the project to both")
         if len(parts) != 7 or parts[0] != AUTH_VERSION or not parts[2].isdigit():
-            raise AuthError(401, "missing or malformed %s header: the sender has no key" % AUTH_HEADER)
+            raise AuthError(401, "missing or malformed %s header: the sender has no key"
+                            % AUTH_HEADER)
         _, session, counter, stamp, their_boot, digest, mac = parts
         expected = _mac(self.key, b"POST", path.encode(), *(f.encode() for f in parts[1:6]),
                         str(length).encode())
@@ -436,18 +449,22 @@ class Codec:
             if counter <= last:
                 raise AuthError(403, "replayed request")
             self._seen[session] = (counter, now)
-            if len(self._seen) > 1000:
-                self._seen = {s: v for s, v in self._seen.items() if now - v[1] < 3 * MAX_CLOCK_SKEW}
+            if len(self._seen) > 1000:          # forget the sessions too old to send again
+                self._seen = {session: seen for session, seen in self._seen.items()
+                              if now - seen[1] < 3 * MAX_CLOCK_SKEW}
 
     def seal_reply(self, ticket, status, message):
+        """Return (body, headers) of a reply, signed for the request of `ticket`."""
         body = encode(message)
         if self.key is None or ticket is None:
             return body, {AUTH_HEADER: UNSIGNED}
-        mac = _mac(self.key, b"reply", ticket[0].encode(), ticket[1].encode(), str(status).encode(), _digest(body))
+        session, counter = ticket[0].encode(), ticket[1].encode()
+        mac = _mac(self.key, b"reply", session, counter, str(status).encode(), _digest(body))
         return body, {AUTH_HEADER: "v1 " + mac}
 
 
 def key_path(key_file=None):
+    """Where the key file is: --key-file, else oden.key beside the main script."""
     return key_file or os.path.join(script_folder(), KEY_FILE)
 
 
@@ -455,8 +472,8 @@ def load_key(key_file=None):
     """The shared key from $ODEN_KEY or the key file, or None when there is none."""
     if os.environ.get(KEY_ENV):
         if len(os.environ[KEY_ENV].strip()) < 16:
-            raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the contents "
-                            "of a file made by 'python3 oden.py init'" % KEY_ENV)
+            raise OdenError("$%s is shorter than 16 characters: use a long random key, e.g. the "
+                            "contents of a file made by 'python3 oden.py init'" % KEY_ENV)
         key = os.environ[KEY_ENV].strip().encode()
         warn_weak_key(key, "$%s" % KEY_ENV, "and set $%s to what its file holds" % KEY_ENV)
         return key
@@ -520,7 +537,7 @@ def project_modules(script, folder):
             continue
         found.add(path)
         if path == os.path.abspath(__file__):
-            continue                     # oden.py imports the standard library alone: no need to read it
+            continue                     # oden.py imports the standard library alone: not read
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), path)
@@ -591,7 +608,8 @@ def project_path(folder, relative):
     with "..", or leads out through a link."""
     if not isinstance(relative, str) or not relative or "\0" in relative or \
             os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
-        raise ValueError("path %r is not inside the project folder" % printable(str(relative))[:200])
+        raise ValueError("path %r is not inside the project folder"
+                         % printable(str(relative))[:200])
     path = os.path.join(folder, *relative.split("/"))
     real_folder = os.path.realpath(folder)
     if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
@@ -692,6 +710,8 @@ class TaskOutput:
 
     @staticmethod
     def install():
+        """In a slot: put TaskOutput in front of stdout and stderr, and remember
+        them and the working folder as the slot's own (see restore)."""
         if not isinstance(sys.stdout, TaskOutput):
             sys.stdout, sys.stderr = TaskOutput(sys.stdout), TaskOutput(sys.stderr)
         TaskOutput.home = (sys.stdout, sys.stderr, os.getcwd())
@@ -716,17 +736,19 @@ class TaskOutput:
     @staticmethod
     @contextlib.contextmanager
     def capture():
+        """Keep what the running task prints (this thread's) in the list it yields."""
         TaskOutput.local.kept = kept = []
         try:
             yield kept
         finally:
             TaskOutput.local.kept = None
-            for stream in (sys.stdout, sys.stderr):     # a slot process may be killed later: keep nothing buffered
+            for stream in (sys.stdout, sys.stderr):  # its process may be killed: buffer nothing
                 with contextlib.suppress(Exception):
                     stream.flush()
 
 
 def error_record(index, error, exception, started=None, output=""):
+    """The wire record of a task that failed: `error` its traceback, `exception` one line."""
     return {"index": index, "ok": False, "error": error, "exception": exception,
             "started": started, "ended": time.time(), "output": output}
 
@@ -747,10 +769,11 @@ def run_task(calc, index, task_bytes):
                                 "".join(kept)[-OUTPUT_TAIL:])
         try:
             result = dumps(value)
-        except Exception as e:             # some Pythons say only "AttributeError: Can't get local object"
-            return error_record(index, traceback.format_exc(), "PicklingError: calc returned a %s that cannot be "
-                                "pickled (%s): return plain data" % (type(value).__name__, one_line(e)),
-                                started, "".join(kept)[-OUTPUT_TAIL:])
+        except Exception as e:             # some Pythons say only "AttributeError: Can't get ..."
+            why = ("PicklingError: calc returned a %s that cannot be pickled (%s): return plain "
+                   "data" % (type(value).__name__, one_line(e)))
+            return error_record(index, traceback.format_exc(), why, started,
+                                "".join(kept)[-OUTPUT_TAIL:])
     return {"index": index, "ok": True, "result": result, "started": started,
             "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
 
@@ -915,9 +938,14 @@ class ProcessSlot(Slot):
     def __init__(self, calc):
         self.calc = calc
         self.process = self.conn = self.position = self.lifeline = None
-        self.lock = threading.Lock()     # stop() comes from the slot's thread and from shutdown
+        # `lock` serialises start() and stop(): stop() comes from the slot's thread and from
+        # shutdown (WorkerState.stop_slots); every other method is the slot thread's alone.
+        # `closed` is set under it and read without it by collect(): it only ever turns True,
+        # and a late read costs one wake-up.
+        self.lock = threading.Lock()
         self.closed = False
-        self.todo, self.records = [], []     # tasks of the batch not answered yet, and the records so far
+        self.todo = []                   # tasks of the batch not answered yet
+        self.records = []                # the batch's records so far
 
     def start(self):
         """Start the child; ready() waits until it can take work."""
@@ -942,9 +970,12 @@ class ProcessSlot(Slot):
 
     def ready(self, seconds=60):
         """Wait for the child's first word, so no batch waits on a process still booting."""
-        with contextlib.suppress(EOFError, OSError, AttributeError):
-            if self.conn.poll(seconds):
-                self.conn.recv()
+        conn = self.conn
+        if conn is None:                 # closed for good before a child ever started
+            return
+        with contextlib.suppress(EOFError, OSError):     # a child that died, a pipe stop() closed
+            if conn.poll(seconds):
+                conn.recv()
 
     def stop(self, final=False):
         """Kill the child and its group (it restarts on the next batch), or for good (final)."""
@@ -967,7 +998,9 @@ class ProcessSlot(Slot):
             self.stop()
             self.start()
             self.ready()
-        with contextlib.suppress(OSError, AttributeError):     # a dead child is found by collect()
+        if self.conn is None:            # closed for good before a child ever started: collect()
+            return                       # sees `closed` and ends at once
+        with contextlib.suppress(OSError):     # a dead child, or a closed pipe: collect() finds it
             self.position.value = 0
             send_batch(self.conn, self.todo)
 
@@ -984,7 +1017,7 @@ class ProcessSlot(Slot):
                     self.records += self.conn.recv()
                     self.todo = []
                     break
-            except (EOFError, OSError, AttributeError):
+            except (EOFError, OSError):             # the child died, or stop() closed the pipe
                 if self.closed or batch.cancelled:
                     continue
                 code = self._exit_code()                # the child is dead: its position is final
@@ -1066,12 +1099,15 @@ class ThreadSlot(Slot):
         if batch.limit is None:
             return run_task(self.calc, index, task_bytes)
         box = []
-        thread = threading.Thread(target=lambda: box.append(run_task(self.calc, index, task_bytes)), daemon=True)
+        work = lambda: box.append(run_task(self.calc, index, task_bytes))
+        thread = threading.Thread(target=work, daemon=True)
         thread.start()
         thread.join(batch.limit)
-        return box[0] if box else error_record(
-            index, "timed out after %s s (its thread could not be stopped and runs on)" % batch.limit,
-            "TimeoutError: timed out after %s s" % batch.limit)
+        if box:
+            return box[0]
+        return error_record(index, "timed out after %s s (its thread could not be stopped and "
+                                   "runs on)" % batch.limit,
+                            "TimeoutError: timed out after %s s" % batch.limit)
 
 
 class Batch:
@@ -1098,10 +1134,12 @@ class RunState:
         self.fed = 0                 # when a slot last took one of its batches (WorkerState.feeds)
 
     def knows(self, batch_id):
+        """Whether this run's batch `batch_id` is here: queued, running or unacked."""
         return (batch_id in self.running or batch_id in self.finished
                 or any(b.id == batch_id for b in self.queued))
 
     def held(self):
+        """Batches of this run the worker holds: queued, running and unacked."""
         return len(self.queued) + len(self.running) + len(self.finished)
 
     def quiet(self, now):
@@ -1123,17 +1161,25 @@ class WorkerState:
     batches go, its running ones are cancelled (a process slot kills its child;
     a thread runs on, its record dropped).
 
-    `lock` guards `runs` and everything in them, the counts (`done`, `failed`,
-    `idle`, `feeds`) and `stopping`; `work` (on it) wakes slots, `results` wakes
-    long polls.  A Batch's `since` is written by its slot's thread without the
-    lock (one attribute store; the status page reads it under the lock), and
-    its `cancelled` is set under the lock and read without it by the slot's
-    thread (a late read only delays the stop by one wake-up).
+    Locks.  `lock` guards `runs` and everything in them (each RunState and its
+    batches), the counts (`done`, `failed`, `idle`, `feeds`) and `stopping`; `work`
+    (on it) wakes slots, `results` wakes long polls.  `slot_objects` and `code` are
+    set before the server takes its first request and only read after.  Three
+    fields of a Batch are read or written without the lock, on purpose:
+
+    * `since`: written by its slot's thread alone as each task starts, so that a
+      slot does not wait for the lock per task; one attribute store is never torn.
+      status() reads it under the lock, once per batch, and sees None (not started,
+      or finished: _finish() sets that under the lock) or one whole time.
+    * `cancelled`: set under the lock (_drop), read by the slot's thread while it
+      runs the batch; a late read costs one wake-up (ProcessSlot.WAKE_EVERY).
+    * `items`: set when the batch is made and read by the one slot thread that
+      holds it, which drops them in _finish().
     """
 
-    def __init__(self, calc, slots, threads, show_status, job_name, max_body=MAX_BODY):
+    def __init__(self, calc, slots, threads, job_name, max_body=MAX_BODY):
         self.calc, self.slots, self.threads = calc, slots, threads
-        self.show_status, self.job_name, self.max_body = show_status, job_name, max_body
+        self.job_name, self.max_body = job_name, max_body
         self.capacity = 2 * slots + WORKER_BACKLOG
         self.lease = run_lease()
         self.boot = secrets.token_hex(6)
@@ -1150,14 +1196,18 @@ class WorkerState:
         self.stopping = False        # set on shutdown: batches cut off then are never reported
 
     def start_slots(self):
-        self.slot_objects = [(ThreadSlot if self.threads else ProcessSlot)(self.calc) for _ in range(self.slots)]
+        """Start the slots (process slots' children boot side by side), then a thread per
+        slot and the thread that watches the runs' leases."""
+        kind = ThreadSlot if self.threads else ProcessSlot
+        self.slot_objects = [kind(self.calc) for _ in range(self.slots)]
         atexit.register(self.stop_slots)     # slot processes are not daemonic: never wait on one
         for slot in self.slot_objects:
             slot.start()
         for slot in self.slot_objects:       # in parallel: all were started before the first wait
             slot.ready()
         for number, slot in enumerate(self.slot_objects, 1):
-            threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number, daemon=True).start()
+            threading.Thread(target=self._slot_loop, args=(slot,), name="slot-%d" % number,
+                             daemon=True).start()
         threading.Thread(target=self._watch_leases, name="leases", daemon=True).start()
 
     def stop_slots(self):
@@ -1255,7 +1305,7 @@ class WorkerState:
             log.info("task %s failed: %s", record["index"], record["exception"])
 
     def _mark_started(self, batch):
-        batch.since = time.time()
+        batch.since = time.time()        # without the lock: see the class's docstring
 
     # -- runs --------------------------------------------------------------
     def _heard(self, run_id):
@@ -1356,6 +1406,7 @@ class WorkerState:
                     "boot": self.boot}
 
     def hello(self):
+        """What /hello tells of this worker (CodeKeeper adds the code's part)."""
         return {"version": VERSION, "code": self.code, "slots": self.slots, "boot": self.boot,
                 "python": platform.python_version(), "name": self.job_name,
                 "max_body": self.max_body}
@@ -1363,14 +1414,15 @@ class WorkerState:
     def others_at_work(self, run_id):
         """True while batches of a run other than `run_id` are queued or running here."""
         with self.lock:
-            return any(run.id != run_id and (run.queued or run.running) for run in self.runs.values())
+            return any(run.id != run_id and (run.queued or run.running)
+                       for run in self.runs.values())
 
     def status(self):
         """What the status routes show: counts and ages, never tasks or results."""
         now = time.time()
         with self.lock:
-            running = sorted(now - b.since for run in self.runs.values()
-                             for b in run.running.values() if b.since is not None)
+            started = [b.since for run in self.runs.values() for b in run.running.values()]
+            running = sorted(now - since for since in started if since is not None)
             busy = self.slots - self.idle
             state = {"state": "busy" if busy else "idle", "slots": self.slots,
                      "slots_busy": busy, "slots_free": self.idle,
@@ -1378,10 +1430,11 @@ class WorkerState:
                      "running_task_ages": [round(age, 1) for age in running],
                      "done": self.done, "failed": self.failed, "runs": len(self.runs),
                      "code": self.code}
+        load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
         state.update({"name": self.job_name, "mode": "threads" if self.threads else "processes",
                       "uptime": round(now - self.started, 1), "version": VERSION,
                       "python": platform.python_version(), "host": platform.node(),
-                      "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None})
+                      "load": load})
         return state
 
 
@@ -1475,6 +1528,8 @@ class Refusals:
         self.sources = collections.OrderedDict()    # source -> [period start, count, latest line]
 
     def note(self, source, line):
+        """A refusal from `source`: logged at once when it is the first of its
+        period, else counted for flush()."""
         with self.lock:
             entry = self.sources.get(source)
             if entry is not None:
@@ -1509,7 +1564,7 @@ class BodyRoom:
 
     def __init__(self, total):
         self.total, self.used = total, 0
-        self.changed = threading.Condition()
+        self.changed = threading.Condition()    # guards `used`; handler threads take and give
 
     def take(self, size, seconds):
         """True once `size` bytes are reserved; False if there was no room within `seconds`."""
@@ -1526,6 +1581,7 @@ class BodyRoom:
             return True
 
     def give(self, size):
+        """Free what take() reserved, and wake the bodies waiting for room."""
         if size > SMALL_BODY:
             with self.changed:
                 self.used -= size
@@ -1561,7 +1617,9 @@ class Connections:
     new connection is closed.  It also cuts connections past their deadline (reap).
     Cutting is shutting the socket down: its handler thread sees the stream end,
     answers nothing and ends.  Handler threads move their own connection between
-    phases.  One lock guards `open`.
+    phases.  `lock` guards `open` and each Connection's phase, since, deadline and
+    `cut` (its sock and address never change); `limit` is the accept thread's alone
+    (admit, out_of_descriptors), which reads and lowers it under the lock all the same.
     """
     IDLE, HEAD, WORKING, BODY, REPLY = "idle", "head", "working", "body", "reply"
 
@@ -1604,6 +1662,7 @@ class Connections:
                 connection.phase, connection.deadline = phase, deadline
 
     def forget(self, sock):
+        """The handler thread of `sock` ends: its connection is no longer open."""
         with self.lock:
             self.open.pop(sock, None)
 
@@ -1675,6 +1734,74 @@ class HeadReader:
         return getattr(self.stream, attribute)
 
 
+def message_problem(path, message):
+    """Why `message` is not a request the route `path` can serve, in one line, or None.  The
+    routes read only what passes here, so an exception in one is a bug of the worker (a 500),
+    never the sender's (a 400).  Keys a route does not read are let through."""
+    if path == "/hello":
+        return None                      # any: without a dict "manifest" it asks for none
+    if not isinstance(message, dict):
+        return "a %s message is a dict, not %s" % (path, type(message).__name__)
+    if path == "/push":
+        files = message.get("files") or {}
+        if not (isinstance(files, dict) and all(isinstance(name, str) and is_bytes(data)
+                                                for name, data in files.items())):
+            return "its 'files' is not {path: bytes}"
+        return None
+    if not isinstance(message.get("run"), str):
+        return "it names no run (a string under 'run')"
+    if not (isinstance(message.get("ack", ()), (list, tuple))
+            and all(is_hashable(batch_id) for batch_id in message.get("ack", ()))):
+        return "its 'ack' is not a list of batch ids"
+    if not is_number(message.get("wait", 0)) or not is_number(message.get("give_back", 0)):
+        return "its 'wait' or 'give_back' is not a number"
+    if path == "/submit":
+        batches = message.get("batches")
+        if not (isinstance(batches, (list, tuple)) and all(map(is_batch, batches))):
+            return "its 'batches' is not a list of (batch id, [(index, task pickle)], time limit)"
+    return None
+
+
+def is_batch(batch):
+    """A submitted batch as WorkerState.submit takes it: (id, [(index, pickle)], limit).
+    Its items are checked in a plain loop: a few microseconds per thousand tasks."""
+    if not (isinstance(batch, (list, tuple)) and len(batch) == 3):
+        return False
+    batch_id, items, limit = batch
+    if not (is_hashable(batch_id) and (limit is None or is_number(limit))
+            and isinstance(items, (list, tuple))):
+        return False
+    try:
+        for index, task in items:        # unpacked as the slots unpack them
+            if not isinstance(index, int) or not isinstance(task, BYTES):
+                return False
+    except (TypeError, ValueError):      # an item that is not a pair
+        return False
+    return True
+
+
+BYTES = (bytes, bytearray, memoryview)   # what a task pickle may come as: a view into a body
+
+
+def is_bytes(value):
+    """Whether `value` is bytes as a task pickle may come: bytes, or a view into a body."""
+    return isinstance(value, BYTES)
+
+
+def is_number(value):
+    """Whether `value` is an int or a float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_hashable(value):
+    """Whether `value` can be a dict key (a batch id)."""
+    try:
+        hash(value)
+        return True
+    except TypeError:
+        return False
+
+
 class WorkerHandler(http.server.BaseHTTPRequestHandler):
     """HTTP front of a worker.  GET routes show status to anyone; POST routes
     need a signed head, checked before the body is read, and hand the body to
@@ -1683,9 +1810,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"           # keep-alive: the manager reuses its connection
     server_version = "oden/" + VERSION
     timeout = REQUEST_READ_TIMEOUT           # a slow or truncated body times out here
-    disable_nagle_algorithm = True           # a reply in two writes must not wait 40 ms for a delayed ACK
-    wbufsize = -1                            # buffered: headers and body leave in one write (flushed per request)
-    error_message_format = "%(message)s\n"   # http.server's own refusals (bad request line...): one line too
+    disable_nagle_algorithm = True           # a reply in two writes: no 40 ms wait for an ACK
+    wbufsize = -1                            # headers and body leave in one write, once a request
+    error_message_format = "%(message)s\n"   # http.server's own refusals: one line too
     error_content_type = "text/plain; charset=utf-8"
     post_routes = {"/hello": lambda server, m: dict(server.state.hello(), **server.keeper.hello(m)),
                    "/submit": lambda server, m: server.state.submit(m),
@@ -1698,6 +1825,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.deadline = None
 
     def do_GET(self):
+        """The status routes: / (a page), /status (a line), /status.json; for anyone."""
         self.server.connections.move(self.request, Connections.WORKING)
         state = self.server.state
         path = self.path.split("?")[0]
@@ -1713,6 +1841,8 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             self._fail(404, "no such page: try / or /status")
 
     def do_POST(self):
+        """A signed request: check the head, read the body within its deadline,
+        check the message, run its route, answer signed.  Every failure is one line."""
         route = self.post_routes.get(self.path)
         if route is None:
             return self._fail(404, "no such route %r" % self.path[:80])
@@ -1737,18 +1867,21 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             message = codec.open_body(ticket, body)
         except AuthError as e:
             return self._refuse(e.status, str(e))
-        except Exception as e:
-            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
-            return self._fail(400, "malformed message: %s" % one_line(e))
+        except Exception as e:           # bad frames, a pickle that does not load
+            return self._malformed(one_line(e))
         finally:
             body = None                  # gone before the route runs: its room is free again
             room.give(length)
+        problem = message_problem(self.path, message)
+        if problem:
+            return self._malformed(problem)
         try:
-            reply = route(self.server, message)
-        except Exception as e:
-            log.warning("bad %s from %s: %s", self.path, self.client_address[0], one_line(e))
-            return self._fail(400, "malformed message: %s" % one_line(e))
-        body, headers = codec.seal_reply(ticket, 200, reply)
+            body, headers = codec.seal_reply(ticket, 200, route(self.server, message))
+        except Exception as e:           # the message was fine: this is the worker's own bug
+            log.exception("the worker failed on %s from %s (a bug: please report it)",
+                          self.path, self.client_address[0])
+            return self._fail(500, "the worker failed on %s: %s (its log has the traceback)"
+                              % (self.path, one_line(e)))
         self._send(200, body, "application/octet-stream", headers)
         if self.server.keeper.restarting:        # a push was taken: restart once it is answered
             self.wfile.flush()
@@ -1774,7 +1907,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
     def _content_length(self):
         """The POST's Content-Length, or None once it is refused (411, 413)."""
         length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):      # isdigit alone passes "²", which int() refuses
+        if not (length.isascii() and length.isdigit()):   # isdigit() alone passes "²": int() fails
             self._refuse(411, "a POST needs a Content-Length")
             return None
         if len(length) > 15 or int(length) > self.server.max_body:
@@ -1812,9 +1945,15 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _malformed(self, why):
+        """A signed request whose message the worker cannot serve: 400, logged with its cause."""
+        log.warning("bad %s from %s: %s", self.path, self.client_address[0], peer_text(why))
+        self._fail(400, "malformed message: %s" % why)
+
     def _fail(self, code, reason):
         self.close_connection = True
-        self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8", {"Connection": "close"})
+        self._send(code, (reason + "\n").encode(), "text/plain; charset=utf-8",
+                   {"Connection": "close"})
 
     def _refuse(self, code, reason):
         """_fail() for a request that proves no key: logged through the server's Refusals."""
@@ -1823,8 +1962,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self._fail(code, reason)
 
     def __getattr__(self, attribute):
-        if attribute.startswith("do_"):          # PUT, DELETE, ...: 405 rather than http.server's 501
-            return lambda: self._fail(405, "method %s is not allowed: use GET or POST" % attribute[3:])
+        if attribute.startswith("do_"):          # PUT, DELETE, ...: 405, not http.server's 501
+            why = "method %s is not allowed: use GET or POST" % attribute[3:]
+            return lambda: self._fail(405, why)
         raise AttributeError(attribute)
 
     def handle_one_request(self):
@@ -1856,7 +1996,10 @@ class CodeKeeper:
         self.folder, self.script = folder, script
         self.pushable = pushable         # None, or why this worker takes no pushes
         self.max_push = max_push
-        self.restarting = False          # set once by push(); read by the handler and run_worker
+        # Set once by push(), read without a lock: by the handler thread that ran push() (its
+        # own write), and by run_worker after serve_forever() returned, which the shutdown
+        # that this handler starts orders after it.
+        self.restarting = False
 
     def hello(self, message):
         """What /hello adds: the manager's files that differ here, our script, push or not."""
@@ -1880,7 +2023,7 @@ class CodeKeeper:
                     % (size, self.max_push)}
         try:
             apply_push(self.folder, files)
-        except (ValueError, OSError, TypeError, AttributeError) as e:
+        except (ValueError, OSError) as e:     # a path out of the folder, a file not written
             log.warning("push refused: %s", one_line(e))
             return {"ok": False, "why": "push refused, its code is unchanged: %s" % one_line(e)}
         log.info("push: %d files, %d bytes; restarting with the new code", len(files), size)
@@ -1896,12 +2039,13 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, state, codec, show_status, max_body, tls=None,
-                 max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT, keeper=None):
+                 max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT,
+                 keeper=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WorkerHandler)
-        self.state, self.codec, self.show_status, self.max_body, self.tls = state, codec, show_status, max_body, tls
-        self.keeper = keeper
+        self.state, self.codec, self.keeper = state, codec, keeper
+        self.show_status, self.max_body, self.tls = show_status, max_body, tls
         self.request_timeout = request_timeout
         self.refusals = Refusals()
         self.connections = Connections(max_connections, request_timeout, self.refusals)
@@ -1976,13 +2120,15 @@ def connection_limit(wanted, slots):
 
 
 def run_worker(job, args):
+    """The `worker` command: serve this machine's slots until Ctrl-C or SIGTERM."""
     key = load_key(args.key_file)
     if key is None and not args.insecure:
         raise OdenError("no key: refusing to start without one (any web page could run code "
                         "here). Run 'python3 oden.py init' on your PC and copy %s here (or set "
                         "$%s), or pass --insecure on a network you trust" % (KEY_FILE, KEY_ENV))
     if key is None:
-        log.warning("no key (%s or $%s): anyone who can reach this port can run code here", KEY_FILE, KEY_ENV)
+        log.warning("no key (%s or $%s): anyone who can reach this port can run code here",
+                    KEY_FILE, KEY_ENV)
     tls = None
     if args.certfile:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -1991,8 +2137,7 @@ def run_worker(job, args):
         except (OSError, ssl.SSLError) as e:
             raise OdenError("cannot load the certificate %s (%s): check --certfile and --keyfile"
                             % (args.certfile, getattr(e, "strerror", None) or e))
-    state = WorkerState(job.calc, args.slots, args.threads, job.show_status, job.name,
-                        args.max_body)
+    state = WorkerState(job.calc, args.slots, args.threads, job.name, args.max_body)
     state.code = manifest_digest(code_manifest(job.files))
     keeper = CodeKeeper(script_folder(), os.path.basename(sys.argv[0]),
                         "it was started with --no-push" if args.no_push else
@@ -2011,9 +2156,9 @@ def run_worker(job, args):
                         % (args.bind, args.port, e.strerror or e))
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
+    mode = "threads" if args.threads else "processes"
     print("oden worker listening on %s://%s:%d (%d slots, %s, code %s)"
-          % ("https" if tls else "http", shown, port, state.slots, "threads" if args.threads else "processes",
-             state.code), flush=True)
+          % ("https" if tls else "http", shown, port, state.slots, mode, state.code), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever(poll_interval=0.5)
@@ -2056,7 +2201,8 @@ class Host:
         return "%s://%s" % (self.scheme, self.label)
 
 
-HOST_LINE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+HOST_LINE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))"
+                       r"(?::(?P<port>\d{1,5}))?$")          # host, host:port, [ipv6]:port
 
 
 def parse_hosts(text, source, scheme="http"):
@@ -2071,11 +2217,11 @@ def parse_hosts(text, source, scheme="http"):
         match = HOST_LINE.match(line)
         port = int(match.group("port") or DEFAULT_PORT) if match else 0
         if not match or not 0 < port < 65536:
-            raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' (port 1-65535)"
-                            % (source, number, raw.strip()[:80]))
+            raise OdenError("%s line %d: %r is not 'host', 'host:port' or '[ipv6]:port' "
+                            "(port 1-65535)" % (source, number, raw.strip()[:80]))
         host = Host(len(found) + 1, match.group("v6") or match.group("name"), port, scheme)
         twin = lines.get(host.label.lower())
-        if twin is not None:             # two threads on one worker would take its work from each other
+        if twin is not None:             # two threads on one worker would take its work
             log.warning("%s line %d: %s is listed already on line %d: using it once",
                         source, number, host.label, twin)
             continue
@@ -2101,7 +2247,8 @@ def read_hosts(setting, hosts_file, scheme="http"):
         raise OdenError("hosts file %s is not text: write one 'host:port' a line" % path)
     found = parse_hosts(text, path, scheme)
     if not found:
-        raise OdenError("no hosts in %s: add one 'host:port' a line, or try 'python3 oden.py local'" % path)
+        raise OdenError("no hosts in %s: add one 'host:port' a line, or try 'python3 oden.py "
+                        "local'" % path)
     return found
 
 
@@ -3110,8 +3257,9 @@ class HostRunner:
 #
 # {name}{host number}_{timestamp}_{task index}.done.pickle   a success: one pickled dict
 # {name}{host number}_{timestamp}_{task index}.error.pickle  an error: one pickled dict
-# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: a list of the successes
-#                                                            of one poll reply, named by its first task
+# {name}{host number}_{timestamp}_{task index}.pack.pickle   with --pack: the successes of one
+#                                                            poll reply (a list), named by its
+#                                                            first task
 # {name}_{timestamp}.log                                     the manager's log of that run
 # {name}_{timestamp}.html                                    its report (see "Seeing a run")
 # .{name}.lock                                               held by the manager running `name`
@@ -3128,26 +3276,32 @@ STAMP = r"\d{8}-\d{6}(?:-\d+)?"
 
 
 def result_file_name(name, host_number, stamp, index, suffix):
+    """The file of one outcome (or, with PACK_SUFFIX, of a pack): see above."""
     return "%s%d_%s_%d%s" % (name, host_number, stamp, index, suffix)
 
 
 def log_file_name(name, stamp):
+    """The manager's log of run `name` started at `stamp`."""
     return "%s_%s.log" % (name, stamp)
 
 
 def report_file_name(name, stamp):
+    """The run's report: its live page, frozen at the end."""
     return "%s_%s.html" % (name, stamp)
 
 
 def workers_log_name(name, stamp):
+    """What the loopback workers of `local` print."""
     return "%s_%s.workers.log" % (name, stamp)
 
 
 def lock_file_name(name):
+    """The file RunLock locks for run `name`."""
     return ".%s.lock" % name
 
 
 def timestamp():
+    """Now as a run's stamp: YYYYmmdd-HHMMSS (claim_stamp makes it unique)."""
     return time.strftime("%Y%m%d-%H%M%S")
 
 
@@ -3197,8 +3351,8 @@ def result_paths(folder, name, errors=False):
     found = []
     for suffix in (ERROR_SUFFIX,) if errors else (DONE_SUFFIX, PACK_SUFFIX):
         pattern = name_pattern(name, suffix)
-        found += [p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix))
-                  if pattern.match(os.path.basename(p))]
+        candidates = os.path.join(glob.escape(folder), glob.escape(name) + "*" + suffix)
+        found += [p for p in glob.glob(candidates) if pattern.match(os.path.basename(p))]
     return sorted(found, key=os.path.getmtime)
 
 
@@ -3209,7 +3363,8 @@ def read_records(paths, on_bad=None):
     for path in paths:
         try:
             loaded = load_result_file(path)
-            records = loaded if path.endswith(PACK_SUFFIX) and isinstance(loaded, list) else [loaded]
+            pack = path.endswith(PACK_SUFFIX) and isinstance(loaded, list)
+            records = loaded if pack else [loaded]
             if not all(isinstance(record, dict) and "task" in record for record in records):
                 raise ValueError("not an oden result record")
         except ClassNotFound as e:           # passed on as it is: skipped_text() tells it apart
@@ -3240,6 +3395,11 @@ def skipped_text(path, why):
     if isinstance(why, ClassNotFound):
         return "skipped result file %s: %s" % (path, why)
     return "skipped unreadable result file %s (%s)" % (path, why)
+
+
+def log_skipped(path, why):
+    """An on_bad for read_records() and its callers: a warning in the log per skipped file."""
+    log.warning("%s", skipped_text(path, why))
 
 
 # ------ Classes of the user's script in result files -------------------------------------
@@ -3376,7 +3536,8 @@ def remove_temporaries(folder, name):
     """Remove the temporary files that a killed manager of run `name` left: not those a running
     manager of a longer name ("sim2" for "sim") may be writing now."""
     stale = []
-    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "*" + TEMP_MARK + "*")):
+    temporaries = os.path.join(glob.escape(folder), glob.escape(name) + "*" + TEMP_MARK + "*")
+    for path in glob.glob(temporaries):
         base = os.path.basename(path).split(TEMP_MARK)[0]
         match = next(filter(None, (name_pattern(name, suffix).match(base)
                                    for suffix in (DONE_SUFFIX, ERROR_SUFFIX, PACK_SUFFIX))), None)
@@ -3409,11 +3570,12 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read(200).strip() or "another process"
             self.release()
-            raise OdenError("a manager of run %r is running in %s already (%s): wait for it to end, "
-                            "use another --name or --folder, or pass --concurrent to run both"
+            raise OdenError("a manager of run %r is running in %s already (%s): wait for it to "
+                            "end, use another --name or --folder, or pass --concurrent to run both"
                             % (self.name, os.path.abspath(self.folder), printable(holder)))
         self.file.truncate(0)
-        self.file.write("pid %d on %s since %s" % (os.getpid(), platform.node(), time.strftime("%X")))
+        self.file.write("pid %d on %s since %s"
+                        % (os.getpid(), platform.node(), time.strftime("%X")))
         self.file.flush()
 
     def held_elsewhere(self):
@@ -3438,6 +3600,7 @@ class RunLock:
             return False
 
     def release(self):
+        """Let the lock go (closing the file releases it); harmless when not held."""
         if self.file is not None:
             self.file.close()            # closing the file releases the lock
             self.file = None
@@ -3491,6 +3654,7 @@ def freeze(value):
 
 
 def content_key(task):
+    """The ContentIndex bucket of a task: a hash of its frozen copy, or one shared bucket."""
     try:
         return hash(freeze(task))
     except Exception:
@@ -3585,8 +3749,7 @@ def load_results(name=None, folder=".", errors=False, run=None):
     run, run="20240101-120000" those of one run (the stamp in its file names).  Classes of the
     run's script are found wherever this runs (see load_result_file)."""
     name = name or globals()["name"]
-    warn = lambda path, why: log.warning("%s", skipped_text(path, why))
-    records = choose_records(all_records(folder, name, warn), run)
+    records = choose_records(all_records(folder, name, log_skipped), run)
     for record in records:
         if "result" in record:
             yield record["task"], record["result"]
@@ -3949,10 +4112,14 @@ class Progress:
     def __init__(self, run, stream, quiet):
         self.run, self.stream, self.quiet = run, stream, quiet
         self.tty = stream.isatty()
-        self.last_log = time.monotonic()
-        self.width = 0
+        self.last_log = time.monotonic()     # the drive loop's alone (tick)
+        self.width = 0                       # columns of the progress line shown now
+        # `lock` guards `width` and the stream: write() comes from every thread that logs,
+        # tick() and close() from the drive loop.
         self.lock = threading.Lock()
-        self.console = [h for h in log.handlers if getattr(h, "stream", None) is stream] if self.tty else []
+        # on a terminal, the console's log handlers write through this object (write below)
+        self.console = [h for h in log.handlers
+                        if self.tty and getattr(h, "stream", None) is stream]
         for handler in self.console:
             handler.setStream(self)
 
@@ -4000,6 +4167,7 @@ class Progress:
         return width or shutil.get_terminal_size().columns
 
     def tick(self):
+        """Called by the drive loop every period: redraw the line, or log it when due."""
         if self.quiet:
             return
         if self.tty:
@@ -4014,6 +4182,7 @@ class Progress:
             log.info("progress: %s", self.line())
 
     def close(self):
+        """At the run's end: wipe the line and give the console its stream back."""
         with self.lock:
             self._wipe()
             self.stream.flush()
@@ -4029,6 +4198,7 @@ def format_rate(rate):
 
 
 def format_seconds(seconds):
+    """Seconds as the progress line shows them: H:MM:SS."""
     seconds = int(seconds)
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
 
@@ -4046,21 +4216,32 @@ def format_duration(seconds):
     return "%d s" % whole
 
 
+def format_table(rows, numbers_from=None):
+    """Rows of text cells as columns two spaces apart, for a terminal or a log: each column
+    left-aligned, but right-aligned from column `numbers_from` on (figures)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = len(widths) if numbers_from is None else numbers_from
+    return "\n".join("  ".join(cell.ljust(width) if i < right else cell.rjust(width)
+                              for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
 def summary_table(run):
+    """The run's summary for the log: per host and in all, done, failed and mean task time."""
+    per_host, (done, failed) = run.tally.host_counts(), run.tally.counts()
+
+    def row(label, done, failed, seconds):
+        mean = "%.3f" % (seconds / (done + failed)) if done + failed else "-"
+        return label, str(done), str(failed), mean
+
     rows = [("host", "done", "failed", "mean task s")]
-    per_host = run.tally.host_counts()
-    for host in run.hosts:
-        done, failed, seconds = per_host.get(host.label, (0, 0, 0.0))
-        rows.append((host.label, str(done), str(failed), "%.3f" % (seconds / (done + failed)) if done + failed else "-"))
-    (done, failed), seconds = run.tally.counts(), sum(s for _, _, s in per_host.values())
-    count = done + failed
-    rows.append(("total", str(done), str(failed), "%.3f" % (seconds / count) if count else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows)
+    rows += [row(host.label, *per_host.get(host.label, (0, 0, 0.0))) for host in run.hosts]
+    rows.append(row("total", done, failed, sum(seconds for _, _, seconds in per_host.values())))
+    return format_table(rows, numbers_from=1)
 
 
 FILE_ONLY = {"file_only": True}         # extra= of a log record for the log file, not the console
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 class EscapingFormatter(logging.Formatter):
@@ -4085,17 +4266,17 @@ def setup_logging(verbose=0, quiet=False, log_path=None):
     for handler in root.handlers:
         handler.close()
     root.handlers[:] = []
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task costs: only with -v
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)    # a record per task: only with -v
     root.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.DEBUG)
-    console.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S",
+    console.setFormatter(EscapingFormatter(LOG_FORMAT, "%H:%M:%S",
                                            getattr(sys.stderr, "encoding", None)))
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_path:
         handler = logging.FileHandler(log_path, encoding="utf-8")
-        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s", None, "utf-8"))
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT, None, "utf-8"))
         root.addHandler(handler)
 
 
@@ -4141,7 +4322,8 @@ def user_tasks(job, log_path=None):
         else:
             traceback.print_exc()
         where = " (its traceback is in %s)" % log_path if log_path else ""
-        raise OdenError("make_tasks() raised %s: fix make_tasks%s" % (printable(one_line(e)), where))
+        raise OdenError("make_tasks() raised %s: fix make_tasks%s"
+                        % (printable(one_line(e)), where))
 
 
 def drive(run, dashboard_address=None, quiet=False):
@@ -4278,8 +4460,9 @@ def confirm_new_run(folder, name, yes, resume_hint):
 # --dashboard says where, none with --no-dashboard) and writes the same page, frozen, as
 # {name}_{stamp}.html at the end.  Both come from run_state(): counts, ages and tracebacks
 # read through each object's locked accessor when a page is asked for, never a task or a
-# result.  The run's hot path pays O(1) per task for it: Run counts each outcome into
-# TaskTimes and its failure groups; the drive loop samples the Timeline once a period.
+# result.  The run's hot path pays O(1) per task for it: the ResultStore's Tally counts each
+# outcome into TaskTimes and its failure groups; the drive loop samples the Timeline once a
+# period.
 
 class Timeline:
     """Tasks finished over time, for the rate, the ETA and the plot: at most TIMELINE_POINTS
@@ -4289,11 +4472,11 @@ class Timeline:
     SETTLE = 0.25                        # seconds after the first result before a rate is told
 
     def __init__(self, started):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()     # guards every, samples and first
         self.started = started           # time.monotonic() of the run's start
         self.every = 1.0                 # seconds between samples
-        self.samples = [(0.0, 0, 0)]
-        self.first = None
+        self.samples = [(0.0, 0, 0)]     # (seconds since the start, done, failed)
+        self.first = None                # (seconds, finished) at the first outcomes
 
     def sample(self, done, failed):
         """Called by the drive loop every period; keeps one sample per `every` s, and the first
@@ -4309,6 +4492,7 @@ class Timeline:
                 self.samples, self.every = self.samples[::2], self.every * 2
 
     def points(self):
+        """A copy of the samples: [(seconds since the start, done, failed)]."""
         with self.lock:
             return list(self.samples)
 
@@ -4331,7 +4515,7 @@ class Timeline:
 class TaskTimes:
     """How long calc took per task, as counts in bins a tenth of a decade wide (1 ms, 1.26 ms,
     1.58 ms, ...): a histogram of any number of tasks in constant memory, for a few tenths of a
-    microsecond per task.  Not locked: Run adds and reads under its own lock."""
+    microsecond per task.  Not locked: its Tally adds and reads under its own lock."""
     PER_DECADE = 10
     OFFSET = 60                          # bin 0 is 1 microsecond, which shorter tasks count as
 
@@ -4340,6 +4524,7 @@ class TaskTimes:
         self.total, self.longest = 0.0, 0.0
 
     def add(self, seconds):
+        """Count one task that took `seconds` in calc."""
         bin_ = int(math.log10(seconds) * self.PER_DECADE + self.OFFSET) if seconds > 1e-6 else 0
         self.counts[bin_] = self.counts.get(bin_, 0) + 1
         self.total += seconds
@@ -4359,8 +4544,12 @@ class TaskTimes:
 
 
 def run_state(run):
-    """What the live page, /status.json and the report show (see README.md "The live page").
-    Every figure is read through a locked accessor; O(hosts + tasks in flight), not O(tasks)."""
+    """What the live page, /status.json and the report show (see README.md "The live page");
+    O(hosts + tasks in flight), not O(tasks).  Counts come from locked accessors, each a copy.
+    Read without a lock: what never changes (the board's total, the hosts, the stamp, the
+    start), the list of runners (set once by drive()), each runner's snapshot() (see there),
+    and the board's `finished` and `stopping`, which only ever turn True: a late read shows
+    "running" for one refresh more."""
     done, failed = run.tally.counts()
     _, in_flight, _ = run.board.counts()
     total, finished = run.board.total, done + failed
@@ -4393,7 +4582,8 @@ def run_state(run):
     if state != "running":               # the report: the mean rate of the whole run
         rate = finished / elapsed if elapsed > 0 else None
     return {
-        "name": run.context.name, "run": run.context.stamp, "state": state, "elapsed_seconds": elapsed,
+        "name": run.context.name, "run": run.context.stamp, "state": state,
+        "elapsed_seconds": elapsed,
         "total": total, "done": done, "failed": failed, "in_flight": in_flight,
         "left": max(0, total - finished - in_flight),
         "rate_per_second": rate,
@@ -4516,6 +4706,7 @@ def render_page(state, live):
 
 
 def card(heading, body):
+    """One box of the page: a heading over `body` (HTML)."""
     return "<section class=\"card\"><h2>%s</h2>%s</section>" % (heading, body)
 
 
@@ -4585,6 +4776,7 @@ def html_table(columns, rows, total=None):
 
 
 def optional_duration(seconds):
+    """format_duration(), or "-" for None (not known, nothing running)."""
     return "-" if seconds is None else format_duration(seconds)
 
 
@@ -4723,6 +4915,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        """The live page (/) or its figures (/status.json)."""
         server = self.server
         path = self.path.split("?")[0]
         if server.loopback_only and not is_loopback_name(self.headers.get("Host", "")):
@@ -4752,6 +4945,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
 
 def is_loopback(address):
+    """True for "localhost" and a loopback IP address (127.x.x.x, ::1)."""
     if address == "localhost":
         return True
     try:
@@ -4767,6 +4961,8 @@ def is_loopback_name(host_header):
 
 
 class DashboardServer(http.server.ThreadingHTTPServer):
+    """The live page's server: a thread per request; `run` and `loopback_only` are set by
+    Dashboard before it serves."""
     daemon_threads = True
 
     def __init__(self, address):
@@ -4799,6 +4995,7 @@ class Dashboard:
                         "counts and tracebacks (read-only)", host)
 
     def close(self):
+        """Stop serving the page and wait for its thread."""
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
@@ -4835,9 +5032,9 @@ def run_local(job, settings, argv):
     worker_log = open(os.path.join(settings.folder, workers_log_name(settings.name, stamp)), "ab")
     workers = []
     try:
+        script = os.path.abspath(sys.argv[0])
         for _ in range(settings.workers):
-            workers.append(start_worker_process(os.path.abspath(sys.argv[0]), env, slots, worker_log,
-                                                settings.threads))
+            workers.append(start_worker_process(script, env, slots, worker_log, settings.threads))
         hosts = [Host(number, "127.0.0.1", port) for number, (_, port) in enumerate(workers, 1)]
         return run_manager(job, settings, hosts, settings.resume, argv, stamp)
     finally:
@@ -4848,7 +5045,8 @@ def run_local(job, settings, argv):
 
 def start_worker_process(script, env, slots, log_file, threads=False):
     """Start `python3 script worker` on a free loopback port; return (process, port)."""
-    command = [sys.executable, script, "worker", "--bind", "127.0.0.1", "--port", "0", "--slots", str(slots)]
+    command = [sys.executable, script, "worker", "--bind", "127.0.0.1", "--port", "0",
+               "--slots", str(slots)]
     process = subprocess.Popen(command + (["--threads"] if threads else []), env=env,
                                stdout=subprocess.PIPE, stderr=log_file)
     port = read_port_within(process, 30, log_file)
@@ -4880,6 +5078,7 @@ def read_port_within(process, seconds, sink):
 
 
 def stop_process(process):
+    """Stop a child process: SIGTERM, then SIGKILL after 10 s; reaped either way."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -4912,8 +5111,8 @@ def client_tls(cafile):
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as e:
-        raise OdenError("cannot load --cafile %s (%s): give the CA or certificate (PEM) the workers use"
-                        % (cafile, getattr(e, "strerror", None) or e))
+        raise OdenError("cannot load --cafile %s (%s): give the CA or certificate (PEM) the "
+                        "workers use" % (cafile, getattr(e, "strerror", None) or e))
 
 
 def fetch_status(host, request_timeout, tls=None):
@@ -4993,6 +5192,13 @@ def why_unusable(host, key, settings, tls, manifest):
     return None
 
 
+def on_every_host(function, hosts):
+    """[function(host) for host in hosts], called for the hosts at once (64 at a time at most):
+    a command waits for its slowest host, not for the sum of them."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        return list(pool.map(function, hosts))
+
+
 def run_status(job, settings, hosts):
     """The `status` command: every host's state, and whether it would take our work and why not."""
     tls = client_tls(settings.cafile)
@@ -5002,8 +5208,7 @@ def run_status(job, settings, hosts):
         state = fetch_status(host, settings.timeout, tls)
         return state, state.get("error") or why_unusable(host, key, settings, tls, manifest)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        probes = list(pool.map(probe, hosts))
+    probes = on_every_host(probe, hosts)
     rows = [("host", "reachable", "state", "slots busy", "done", "failed", "load", "oldest task",
              "usable")]
     for host, (state, problem) in zip(hosts, probes):
@@ -5036,23 +5241,17 @@ def run_push(job, settings, hosts):
             hello = client.connect(manifest)
             if not hello.get("stale"):
                 return "up to date"
-            push_code(client, host, manifest, hello, "push-" + secrets.token_hex(4), settings.max_push,
-                      settings.name)
+            push_id = "push-" + secrets.token_hex(4)
+            push_code(client, host, manifest, hello, push_id, settings.max_push, settings.name)
             return "pushed %d files" % len(hello["stale"])
         except HostError as e:
             return "FAILED: %s" % e
         finally:
             client.close()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        outcomes = list(pool.map(push_one, hosts))
+    outcomes = on_every_host(push_one, hosts)
     print(format_table([("host", "code")] + [(h.label, o) for h, o in zip(hosts, outcomes)]))
     return 1 if any(o.startswith("FAILED") for o in outcomes) else 0
-
-
-def format_table(rows):
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def run_results(settings):
@@ -5109,8 +5308,9 @@ def cut(text, full=False):
 
 def plain_record(record, superseded=False):
     """A record as `results --json` and `--csv` show it: no traceback, no output."""
-    return {"index": record["index"], "status": "done" if "result" in record else "error", "task": record["task"],
-            "result": record.get("result"), "exception": record.get("exception"), "host": record["host"],
+    return {"index": record["index"], "status": "done" if "result" in record else "error",
+            "task": record["task"], "result": record.get("result"),
+            "exception": record.get("exception"), "host": record["host"],
             "seconds": task_seconds(record), "run": record["run"], "superseded": superseded}
 
 
@@ -5124,6 +5324,7 @@ def text_cell(value):
 
 
 def task_seconds(record):
+    """How long calc took for a record (rounded to microseconds), or None."""
     if record.get("started") and record.get("ended"):
         return round(record["ended"] - record["started"], 6)
     return None
@@ -5165,6 +5366,7 @@ def results_summary(name, records, everything, standing, run):
 
 
 def run_init(key_file):
+    """The `init` command: create the key file, unless there is one already."""
     path = key_path(key_file)
     if os.path.exists(path):
         print("%s exists already: nothing to do (delete it first to make a new key)" % path)
@@ -5182,8 +5384,9 @@ OPTIONAL_SETTINGS = {               # what a user section that leaves a setting 
     "hosts": None, "task_timeout": None, "chunksize": None, "files": (),
     "handle_finish_machine": lambda uri, name: None, "handle_finish_tasks": lambda: None,
     "show_status": lambda: "oden worker"}
-USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize", "files", "make_tasks",
-                 "calc", "handle_finish_machine", "handle_finish_tasks", "show_status")
+USER_SETTINGS = ("hosts", "name", "interval_polling", "timeout", "task_timeout", "chunksize",
+                 "files", "make_tasks", "calc", "handle_finish_machine", "handle_finish_tasks",
+                 "show_status")
 
 
 class Job:
@@ -5205,8 +5408,8 @@ class Job:
         if overrides:
             missing = [f for f in ("make_tasks", "calc") if f not in overrides]
             if missing:
-                raise OdenError("oden.main() needs %s: pass your own functions, e.g. "
-                                "oden.main(make_tasks=make_tasks, calc=calc)" % " and ".join(missing))
+                raise OdenError("oden.main() needs %s: pass your own functions, e.g. oden.main("
+                                "make_tasks=make_tasks, calc=calc)" % " and ".join(missing))
             script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "oden"
             defaults.update(name=script, show_status=lambda: "oden worker for run %r" % self.name)
         for setting in USER_SETTINGS:
@@ -5221,6 +5424,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(job):
+    """The command line's parser; the user section's settings are its defaults."""
     parser = Parser(
         prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "oden.py",
         description="oden: spread independent tasks over many machines. "
@@ -5232,53 +5436,82 @@ def build_parser(job):
     def command(name_, help_):
         return commands.add_parser(name_, help=help_, description=help_)
 
+    def key_file(p):
+        p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s "
+                                          "wins)" % (KEY_FILE, KEY_ENV))
+
     def manager_options(p):
-        p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file (default: the 'hosts' setting, else hosts.txt next to the script)")
-        p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds for every HTTP request (default %(default)s)")
-        p.add_argument("--interval-polling", type=positive_float, default=job.interval_polling, help="longest wait of one poll, seconds (default %(default)s)")
-        p.add_argument("--task-timeout", type=positive_float, default=job.task_timeout, help="seconds a task may run before it is an error (default: %(default)s)")
-        p.add_argument("--chunksize", type=positive_int, default=job.chunksize, help="tasks per batch (default: automatic)")
-        p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS, help="connection failures a task survives (default %(default)s)")
-        p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS, help="worker deaths a task may witness before it is an error (default %(default)s)")
-        p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER, help="stop when every host has been down this many seconds (default %(default)s)")
-        p.add_argument("--pack", action="store_true", help="write the successes that arrive together into one "
-                       ".pack.pickle file (a list of records): for very many small tasks")
-        p.add_argument("--speculate", action="store_true", help="run a backup copy of the slowest task on idle hosts at the end")
+        p.add_argument("--hosts", dest="hosts_file", metavar="FILE",
+                       help="hosts file (default: the 'hosts' setting, else hosts.txt next to the "
+                            "script)")
+        p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                       help="seconds for every HTTP request (default %(default)s)")
+        p.add_argument("--interval-polling", type=positive_float, default=job.interval_polling,
+                       help="longest wait of one poll, seconds (default %(default)s)")
+        p.add_argument("--task-timeout", type=positive_float, default=job.task_timeout,
+                       help="seconds a task may run before it is an error (default: %(default)s)")
+        p.add_argument("--chunksize", type=positive_int, default=job.chunksize,
+                       help="tasks per batch (default: automatic)")
+        p.add_argument("--max-attempts", type=positive_int, default=MAX_ATTEMPTS,
+                       help="connection failures a task survives (default %(default)s)")
+        p.add_argument("--max-deaths", type=positive_int, default=MAX_DEATHS,
+                       help="worker deaths a task may witness before it is an error (default "
+                            "%(default)s)")
+        p.add_argument("--give-up-after", type=positive_float, default=GIVE_UP_AFTER,
+                       help="stop when every host has been down this many seconds (default "
+                            "%(default)s)")
+        p.add_argument("--pack", action="store_true",
+                       help="write the successes that arrive together into one .pack.pickle file "
+                            "(a list of records): for very many small tasks")
+        p.add_argument("--speculate", action="store_true",
+                       help="run a backup copy of the slowest task on idle hosts at the end")
         p.add_argument("--no-keepalive", dest="keepalive", action="store_false",
                        help="a new connection for every request")
         p.add_argument("--max-reply", type=positive_int, default=MAX_REPLY,
                        help="largest answer from a worker in bytes; raise it for huge results "
                             "(default %(default)s)")
-        p.add_argument("--cafile", help="talk TLS (https) to the workers, trusting this CA or certificate")
-        p.add_argument("--insecure", action="store_true", help="no key: send and accept unsigned messages")
-        p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code to "
-                       "a worker in bytes (default %(default)s)")
-        p.add_argument("--yes", action="store_true", help="start even when result files of this name exist")
-        p.add_argument("--concurrent", action="store_true", help="run even while another manager of "
-                       "this name runs in this folder (both write files of the run)")
+        p.add_argument("--cafile",
+                       help="talk TLS (https) to the workers, trusting this CA or certificate")
+        p.add_argument("--insecure", action="store_true",
+                       help="no key: send and accept unsigned messages")
+        p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                       help="largest push of code to a worker in bytes (default %(default)s)")
+        p.add_argument("--yes", action="store_true",
+                       help="start even when result files of this name exist")
+        p.add_argument("--concurrent", action="store_true",
+                       help="run even while another manager of this name runs in this folder "
+                            "(both write files of the run)")
         p.add_argument("--dashboard", type=dashboard_address, default=(DASHBOARD_BIND, 0),
                        metavar="HOST:PORT", help="where the run's live page listens (default: %s, "
                        "a free port)" % DASHBOARD_BIND)
         p.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None,
                        help="no live page (the report is written all the same)")
-        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress line")
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="only warnings and errors, no progress line")
         p.add_argument("-v", "--verbose", action="count", default=0, help="log every task")
 
     def common(p):
-        p.add_argument("--name", default=job.name, help="the run's name, prefix of its files (default %(default)s)")
-        p.add_argument("--folder", default=".", help="where result files and logs go (default: current folder)")
-        p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+        p.add_argument("--name", default=job.name,
+                       help="the run's name, prefix of its files (default %(default)s)")
+        p.add_argument("--folder", default=".",
+                       help="where result files and logs go (default: current folder)")
+        key_file(p)
 
     p = command("worker", "serve tasks on this machine (run it on every remote)")
-    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port to listen on (default %(default)s; 0 picks a free one)")
-    p.add_argument("--bind", default=DEFAULT_BIND, help="address to listen on (default %(default)s)")
-    p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1, help="tasks at once (default: the number of cores, %(default)s)")
-    p.add_argument("--threads", action="store_true", help="run calc in threads of this process instead of child processes")
-    p.add_argument("--max-body", type=positive_int, default=MAX_BODY, help="largest request in bytes (default %(default)s)")
-    p.add_argument("--no-push", action="store_true", help="never take code pushed by a manager: "
-                   "copy the project here yourself")
-    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push of code "
-                   "in bytes (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help="port to listen on (default %(default)s; 0 picks a free one)")
+    p.add_argument("--bind", default=DEFAULT_BIND,
+                   help="address to listen on (default %(default)s)")
+    p.add_argument("--slots", type=positive_int, default=os.cpu_count() or 1,
+                   help="tasks at once (default: the number of cores, %(default)s)")
+    p.add_argument("--threads", action="store_true",
+                   help="run calc in threads of this process instead of child processes")
+    p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
+                   help="largest request in bytes (default %(default)s)")
+    p.add_argument("--no-push", action="store_true",
+                   help="never take code pushed by a manager: copy the project here yourself")
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                   help="largest push of code in bytes (default %(default)s)")
     p.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                    help="connections served at once; idle ones close first (default %(default)s, "
                         "fewer at a low open-file limit)")
@@ -5291,7 +5524,7 @@ def build_parser(job):
                    help="serve without a key: anyone who reaches the port can run code "
                         "(trusted networks only)")
     p.add_argument("--name", default=job.name, help=argparse.SUPPRESS)
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
+    key_file(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every request")
     for mode, text in (("manager", "run every task on the hosts in hosts.txt"),
                        ("resume", "run only the tasks without a saved success")):
@@ -5299,26 +5532,30 @@ def build_parser(job):
         manager_options(p)
         common(p)
     p = command("local", "run the job on loopback workers on this machine (try this first)")
-    p.add_argument("--workers", type=positive_int, default=3, help="worker processes (default %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=3,
+                   help="worker processes (default %(default)s)")
     p.add_argument("--slots", type=positive_int, help="slots per worker (default: cores / workers)")
     p.add_argument("--threads", action="store_true", help="workers run calc in threads")
-    p.add_argument("--resume", action="store_true", help="run only the tasks without a saved success")
+    p.add_argument("--resume", action="store_true",
+                   help="run only the tasks without a saved success")
     manager_options(p)
     common(p)
     command("test", "run calc on every task here, in this process, and print each outcome")
     p = command("status", "show the state of every host, and why one would not take this "
                           "project's work")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)"
-                   % (KEY_FILE, KEY_ENV))
-    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per host (default %(default)s)")
+    key_file(p)
+    p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                   help="seconds per host (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
     p = command("push", "bring every host's code to this project's, without running anything")
     p.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="hosts file")
-    p.add_argument("--timeout", type=positive_float, default=job.timeout, help="seconds per request (default %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=job.timeout,
+                   help="seconds per request (default %(default)s)")
     p.add_argument("--cafile", help="use https, trusting this CA or certificate")
-    p.add_argument("--key-file", help="the key file (default: %s next to the script; $%s wins)" % (KEY_FILE, KEY_ENV))
-    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH, help="largest push in bytes (default %(default)s)")
+    key_file(p)
+    p.add_argument("--max-push", type=positive_int, default=MAX_PUSH,
+                   help="largest push in bytes (default %(default)s)")
     p = command("results", "print the saved results of a run: the latest outcome of each task, in "
                            "task order")
     p.add_argument("--errors", action="store_true", help="include errors")
@@ -5331,7 +5568,8 @@ def build_parser(job):
                        help="the outcomes of one run (the stamp in its files: 20240101-120000)")
     p.add_argument("--full", action="store_true", help="show long tasks and results in full")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON list of records")
+    group.add_argument("--json", dest="format", action="store_const", const="json",
+                       help="JSON list of records")
     group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV table")
     common(p)
     p = command("init", "create the key file that workers and manager share")
@@ -5340,7 +5578,8 @@ def build_parser(job):
 
 
 def argument_type(convert, allowed, kind, bounds):
-    """An argparse type: `convert` the text, then check it is `allowed`; errors say `kind` or `bounds`."""
+    """An argparse type: `convert` the text, then check it is `allowed`; its errors say `kind`
+    (not convertible) or `bounds` (not allowed)."""
     def parse(text):
         try:
             value = convert(text)
@@ -5372,6 +5611,7 @@ port_number = argument_type(int, lambda v: 0 <= v < 65536, "a port number", "por
 
 
 def dispatch(job, settings, argv):
+    """Run the command that `settings` names; return its exit code."""
     folder = getattr(settings, "folder", None)
     if folder is not None and not os.path.isdir(folder):
         raise OdenError("folder %s does not exist: create it, or pass another --folder" % folder)
@@ -5427,6 +5667,8 @@ def checked_name(name):
 
 
 def run_command(argv, user_settings):
+    """main() without the exit: parse `argv`, run it, turn OdenError and Ctrl-C
+    into a message and an exit code."""
     try:
         job = Job(**user_settings)
         settings = build_parser(job).parse_args(argv)
@@ -5436,9 +5678,10 @@ def run_command(argv, user_settings):
         print("oden: error: %s" % e, file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("oden: %s" % ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr)
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print("oden: %s" % how, file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except BrokenPipeError:                  # output piped into `head` and the like, which stopped reading
+    except BrokenPipeError:                  # output piped into `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 

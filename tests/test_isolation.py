@@ -507,7 +507,7 @@ class SlotLoopTest(unittest.TestCase):
             if task == ("a", 1):
                 gate.wait(10)
             order.append(task)
-        state = oden.WorkerState(calc, 1, True, None, "t")
+        state = oden.WorkerState(calc, 1, True, "t")
         self.addCleanup(state.stop_slots)
         state.start_slots()
         for run, ids in (("a", (1, 2, 3)), ("b", (1, 2))):
@@ -526,7 +526,7 @@ class SlotLoopTest(unittest.TestCase):
         self.assertEqual(self.order_of_runs(silent=True), ["a1", "b1", "b2", "a2", "a3"])
 
     def test_a_failing_slot_records_its_batch_as_errors_and_serves_on(self):
-        state = oden.WorkerState(lambda x: 2 * x, 1, True, None, "t")
+        state = oden.WorkerState(lambda x: 2 * x, 1, True, "t")
         original, calls = oden.ThreadSlot.send, []
 
         def send(slot, batch):
@@ -553,7 +553,7 @@ class SlotLoopTest(unittest.TestCase):
         self.assertIn("a bug in the slot", "\n".join(logs.output))
 
     def test_a_slot_whose_process_cannot_start_backs_off_and_reports_the_reason(self):
-        state = oden.WorkerState(lambda x: 2 * x, 1, True, None, "t")
+        state = oden.WorkerState(lambda x: 2 * x, 1, True, "t")
         original, calls = oden.ThreadSlot.send, []
 
         def send(slot, batch):

@@ -35,7 +35,7 @@ def results(records):
 
 class WorkerStateTest(unittest.TestCase):
     def setUp(self):
-        self.state = oden.WorkerState(calc, 1, True, None, "unit")
+        self.state = oden.WorkerState(calc, 1, True, "unit")
         self.slot = oden.ThreadSlot(calc)
 
     def run_next(self, slot=None):
