@@ -747,14 +747,14 @@ class TaskOutput:
                     stream.flush()
 
 
-def error_record(index, error, exception, started=None, output=""):
-    """The wire record of a task that failed: `error` its traceback, `exception` one line."""
+def error_report(index, error, exception, started=None, output=""):
+    """The report of a task that failed: `error` its traceback, `exception` one line."""
     return {"index": index, "ok": False, "error": error, "exception": exception,
             "started": started, "ended": time.time(), "output": output}
 
 
 def run_task(calc, index, task_bytes):
-    """Run one task; always return a record, never raise (a crash is the slot's business).
+    """Run one task; always return a report, never raise (a crash is the slot's business).
     Any BaseException from calc (SystemExit, KeyboardInterrupt, asyncio.CancelledError...)
     is that task's error, except a Ctrl-C meant for `test`, which runs calc here."""
     started = time.time()
@@ -765,14 +765,14 @@ def run_task(calc, index, task_bytes):
         except BaseException as e:
             if is_user_interrupt(e):
                 raise
-            return error_record(index, traceback_text(), one_line(e), started,
+            return error_report(index, traceback_text(), one_line(e), started,
                                 "".join(kept)[-OUTPUT_TAIL:])
         try:
             result = dumps(value)
         except Exception as e:             # some Pythons say only "AttributeError: Can't get ..."
             why = ("PicklingError: calc returned a %s that cannot be pickled (%s): return plain "
                    "data" % (type(value).__name__, one_line(e)))
-            return error_record(index, traceback.format_exc(), why, started,
+            return error_report(index, traceback.format_exc(), why, started,
                                 "".join(kept)[-OUTPUT_TAIL:])
     return {"index": index, "ok": True, "result": result, "started": started,
             "ended": time.time(), "output": "".join(kept)[-OUTPUT_TAIL:]}
@@ -833,7 +833,7 @@ def peer_text(text, limit=200):
 
 
 def slot_process_main(conn, calc, position, lifeline):
-    """Body of a slot's child process: run each batch it is sent and send back its records
+    """Body of a slot's child process: run each batch it is sent and send back its reports
     in one message; `position` tells the parent which task of the batch runs now.
 
     The child leads a process group of its own (POSIX), so that stopping the slot also
@@ -852,11 +852,11 @@ def slot_process_main(conn, calc, position, lifeline):
         while True:
             items = [(index, conn.recv_bytes() if task is None else task)      # see send_batch
                      for index, task in conn.recv()]
-            records = []
+            reports = []
             for number, (index, task_bytes) in enumerate(items):
                 position.value = number
-                records.append(run_task(calc, index, task_bytes))
-            conn.send(records)
+                reports.append(run_task(calc, index, task_bytes))
+            conn.send(reports)
     except (EOFError, OSError):
         pass                                           # the worker is gone: so are we
 
@@ -896,30 +896,30 @@ class Slot:
     """A slot runs one batch at a time in a slot thread of WorkerState.
 
     Methods for the slot's thread: start() then ready() once; send(batch) to start a
-    batch, collect() to wait for its records; abandon() after an unexpected error.
+    batch, collect() to wait for its reports; abandon() after an unexpected error.
     stop() may come from any thread (shutdown).  A batch whose run is gone is marked
     `cancelled`: collect() then ends it early and reports nothing more of it.
     """
     batch = None                         # the batch it holds, from send() to the end of collect()
-    records = ()                         # the records of that batch so far
+    reports = ()                         # the reports of that batch so far
 
     def abandon(self):
-        """After an unexpected error: forget the batch it held; return it and its records so far."""
+        """After an unexpected error: forget the batch it held; return it and its reports so far."""
         batch, self.batch = self.batch, None
-        return batch, list(self.records)
+        return batch, list(self.reports)
 
 
 class ProcessSlot(Slot):
     """Runs tasks in a child process: CPU-bound calc runs in parallel, a crash
     costs one task, and a task over its time limit can really be stopped.
 
-    A batch goes to the child in one message and its records come back in one,
+    A batch goes to the child in one message and its reports come back in one,
     so tiny tasks do not pay a pipe round trip each.  While a batch runs, the
     parent wakes every CHECK_EVERY s (WAKE_EVERY s without a time limit) to read
     the shared `position` (for the status page and the time limit).  When the
     child dies, `position` still names the task it was running; when a task
     overruns, the position read at the moment of the decision is the culprit.
-    That task alone gets an error record; the batch's other unreported tasks run
+    That task alone gets an error report; the batch's other unreported tasks run
     again in a new child.
 
     The child is not daemonic, so calc may start processes of its own; stop()
@@ -945,7 +945,7 @@ class ProcessSlot(Slot):
         self.lock = threading.Lock()
         self.closed = False
         self.todo = []                   # tasks of the batch not answered yet
-        self.records = []                # the batch's records so far
+        self.reports = []                # the batch's reports so far
 
     def start(self):
         """Start the child; ready() waits until it can take work."""
@@ -989,8 +989,8 @@ class ProcessSlot(Slot):
                 self.process = None
 
     def send(self, batch):
-        """Start running a batch; collect() waits for its records."""
-        self.batch, self.todo, self.records = batch, list(batch.items), []
+        """Start running a batch; collect() waits for its reports."""
+        self.batch, self.todo, self.reports = batch, list(batch.items), []
         self._send_todo()
 
     def _send_todo(self):
@@ -1005,8 +1005,8 @@ class ProcessSlot(Slot):
             send_batch(self.conn, self.todo)
 
     def collect(self, mark_started):
-        """Wait for the batch's records: (batch, records).  A crash or a time-out gives
-        the task running at that moment an error record, and the batch's other
+        """Wait for the batch's reports: (batch, reports).  A crash or a time-out gives
+        the task running at that moment an error report, and the batch's other
         unreported tasks run again.  A cancelled batch ends at once, its child killed."""
         batch, limit = self.batch, self.batch.limit
         shown, since = 0, time.monotonic()          # _send_todo() has just set position 0
@@ -1014,7 +1014,7 @@ class ProcessSlot(Slot):
         while self.todo and not self.closed and not batch.cancelled:    # closed: shutdown
             try:
                 if self.conn.poll(self.CHECK_EVERY if limit else self.WAKE_EVERY):
-                    self.records += self.conn.recv()
+                    self.reports += self.conn.recv()
                     self.todo = []
                     break
             except (EOFError, OSError):             # the child died, or stop() closed the pipe
@@ -1038,8 +1038,8 @@ class ProcessSlot(Slot):
                 mark_started(batch)
         if batch.cancelled and self.todo:
             self.stop()                                 # it may be mid-batch: a new child runs on
-        records, self.batch, self.records = self.records, None, []
-        return batch, records
+        reports, self.batch, self.reports = self.reports, None, []
+        return batch, reports
 
     def _position(self):
         position = self.position
@@ -1054,7 +1054,7 @@ class ProcessSlot(Slot):
     def _fail(self, position, error, exception):
         """Record the task at `position` as failed and run the rest again in a new child."""
         self.stop()
-        self.records.append(error_record(self.todo[position][0], error, exception))
+        self.reports.append(error_report(self.todo[position][0], error, exception))
         self.todo = self.todo[:position] + self.todo[position + 1:]
         if self.todo:
             self._send_todo()
@@ -1068,7 +1068,7 @@ class ThreadSlot(Slot):
     """Runs tasks in the worker's own process (--threads): for calc that cannot
     run in a child process.  A task over its time limit is recorded as an
     error, but its thread cannot be stopped and runs on until calc returns;
-    so does the running task of a cancelled batch (its record is dropped)."""
+    so does the running task of a cancelled batch (its report is dropped)."""
 
     def __init__(self, calc):
         self.calc = calc
@@ -1083,16 +1083,16 @@ class ThreadSlot(Slot):
         pass
 
     def send(self, batch):
-        self.batch, self.records = batch, []
+        self.batch, self.reports = batch, []
 
     def collect(self, mark_started):
         batch = self.batch
         for index, task_bytes in batch.items:
             if batch.cancelled:
                 break
-            self.records.append(self._run(batch, index, task_bytes, mark_started))
-        records, self.batch, self.records = self.records, None, []
-        return batch, records
+            self.reports.append(self._run(batch, index, task_bytes, mark_started))
+        reports, self.batch, self.reports = self.reports, None, []
+        return batch, reports
 
     def _run(self, batch, index, task_bytes, mark_started):
         mark_started(batch)
@@ -1105,7 +1105,7 @@ class ThreadSlot(Slot):
         thread.join(batch.limit)
         if box:
             return box[0]
-        return error_record(index, "timed out after %s s (its thread could not be stopped and "
+        return error_report(index, "timed out after %s s (its thread could not be stopped and "
                                    "runs on)" % batch.limit,
                             "TimeoutError: timed out after %s s" % batch.limit)
 
@@ -1115,7 +1115,7 @@ class Batch:
 
     def __init__(self, batch_id, run_id, items, limit):
         self.id, self.run_id, self.items, self.limit = batch_id, run_id, items, limit
-        self.records = []
+        self.reports = []
         self.since = None            # when its current task started (for the status page)
         self.cancelled = False       # its run is gone: stop it, report nothing
 
@@ -1128,19 +1128,19 @@ class RunState:
         self.id = run_id
         self.queued = collections.deque()
         self.running = {}            # batch id -> Batch
-        self.finished = {}           # batch id -> Batch, until the manager acks it
+        self.unacked = {}            # batch id -> Batch: ended, until the manager acks it
         self.heard = time.monotonic()    # its last request: the lease runs from here
         self.polls = 0               # its long polls waiting now (a run waiting is not silent)
         self.fed = 0                 # when a slot last took one of its batches (WorkerState.feeds)
 
     def knows(self, batch_id):
         """Whether this run's batch `batch_id` is here: queued, running or unacked."""
-        return (batch_id in self.running or batch_id in self.finished
+        return (batch_id in self.running or batch_id in self.unacked
                 or any(b.id == batch_id for b in self.queued))
 
     def held(self):
         """Batches of this run the worker holds: queued, running and unacked."""
-        return len(self.queued) + len(self.running) + len(self.finished)
+        return len(self.queued) + len(self.running) + len(self.unacked)
 
     def quiet(self, now):
         """Silent for a while: a live manager polls every few seconds while it holds work here."""
@@ -1159,7 +1159,7 @@ class WorkerState:
     batches.  A run that says goodbye ({"bye": True} on /poll), or is not heard
     from for `lease` seconds (RUN_LEASE), is dropped: its queued and unacked
     batches go, its running ones are cancelled (a process slot kills its child;
-    a thread runs on, its record dropped).
+    a thread runs on, its report dropped).
 
     Locks.  `lock` guards `runs` and everything in them (each RunState and its
     batches), the counts (`done`, `failed`, `idle`, `feeds`) and `stopping`; `work`
@@ -1220,17 +1220,17 @@ class WorkerState:
 
     # -- the slots' threads ------------------------------------------------
     def _slot_loop(self, slot):
-        """Body of a slot's thread: take a batch, collect its records, report them.  No
-        exception ends it: a failure of the slot itself (calc's exceptions are records
+        """Body of a slot's thread: take a batch, collect its reports, report them.  No
+        exception ends it: a failure of the slot itself (calc's exceptions are reports
         already; a process that cannot start, at a full descriptor table, say) becomes error
-        records for the batch it held, and the loop goes on after a backoff that doubles
+        reports for the batch it held, and the loop goes on after a backoff that doubles
         while failures repeat (SLOT_BACKOFF)."""
         backoff = SLOT_BACKOFF[0]
         while True:
             try:
                 if slot.batch is None:
                     self._feed(slot, wait=True)
-                batch, records = slot.collect(self._mark_started)
+                batch, reports = slot.collect(self._mark_started)
                 backoff = SLOT_BACKOFF[0]
             except BaseException:
                 self._slot_failed(slot)
@@ -1242,21 +1242,21 @@ class WorkerState:
             except BaseException:
                 self._slot_failed(slot)
             try:
-                self._finish(batch, records)
+                self._finish(batch, reports)
             except BaseException:
                 log.exception("could not report a batch; its run gets its tasks back as lost")
 
     def _slot_failed(self, slot):
         """After an unexpected error in a slot's thread: log it with its traceback, and give
-        each task of the batch the slot held without a record an error record."""
+        each task of the batch the slot held without a report an error report."""
         error, exception = traceback_text(), one_line(sys.exc_info()[1])
         log.error("a slot failed; the tasks it held are recorded as errors\n%s", error.rstrip())
         try:
-            batch, records = slot.abandon()
+            batch, reports = slot.abandon()
             if batch is not None:
-                answered = {record["index"] for record in records}
+                answered = {report["index"] for report in reports}
                 why = "the worker's slot failed:\n" + error
-                self._finish(batch, records + [error_record(index, why, exception)
+                self._finish(batch, reports + [error_report(index, why, exception)
                                                for index, _ in batch.items
                                                if index not in answered])
         except BaseException:
@@ -1283,7 +1283,7 @@ class WorkerState:
             slot.batch = batch           # the slot holds it now: a failure in send() is reported
         slot.send(batch)
 
-    def _finish(self, batch, records):
+    def _finish(self, batch, reports):
         failed = []
         with self.lock:
             run = self.runs.get(batch.run_id)
@@ -1292,17 +1292,17 @@ class WorkerState:
             batch.since, batch.items = None, ()      # its tasks (maybe a big request) can go
             if run is None or batch.cancelled or self.stopping:
                 return                   # run gone, or cut off by shutdown: never reported
-            batch.records = records
-            for record in records:
-                if record["ok"]:
+            batch.reports = reports
+            for report in reports:
+                if report["ok"]:
                     self.done += 1
                 else:
                     self.failed += 1
-                    failed.append(record)
-            run.finished[batch.id] = batch
+                    failed.append(report)
+            run.unacked[batch.id] = batch
             self.results.notify_all()
-        for record in failed:
-            log.info("task %s failed: %s", record["index"], record["exception"])
+        for report in failed:
+            log.info("task %s failed: %s", report["index"], report["exception"])
 
     def _mark_started(self, batch):
         batch.since = time.time()        # without the lock: see the class's docstring
@@ -1329,7 +1329,7 @@ class WorkerState:
             batch.cancelled = True
         run.queued.clear()
         run.running.clear()
-        run.finished.clear()
+        run.unacked.clear()
         self.results.notify_all()        # its long polls answer now (with nothing)
 
     def _watch_leases(self):
@@ -1348,7 +1348,7 @@ class WorkerState:
     @staticmethod
     def _ack(run, acked):
         for batch_id in acked:
-            run.finished.pop(batch_id, None)
+            run.unacked.pop(batch_id, None)
 
     # -- requests (WorkerHandler's threads) --------------------------------
     def submit(self, message):
@@ -1394,13 +1394,13 @@ class WorkerState:
                 deadline = 0
             run.polls += 1
             try:
-                while (not run.finished and time.monotonic() < deadline
+                while (not run.unacked and time.monotonic() < deadline
                        and self.runs.get(run.id) is run):
                     self.results.wait(deadline - time.monotonic())
             finally:
                 run.polls -= 1
                 run.heard = time.monotonic()
-            return {"done": [(b.id, b.records) for b in run.finished.values()],
+            return {"done": [(b.id, b.reports) for b in run.unacked.values()],
                     "active": [b.id for b in run.queued] + list(run.running),
                     "queued": [b.id for b in run.queued], "returned": returned,
                     "boot": self.boot}
@@ -3016,7 +3016,7 @@ class HostRunner:
             size = self.tasks.size(index) + ITEM_ENVELOPE
             if size > self.max_body - REQUEST_ENVELOPE:
                 self.board.release([index])
-                self.settle([error_record(
+                self.settle([error_report(
                     index, "task %d is %d bytes pickled, over the --max-body of %d bytes of "
                     "worker %d" % (index, size, self.max_body, self.host.number),
                     "TaskTooLarge: %d bytes, over the worker's --max-body of %d: start the worker "
@@ -3224,7 +3224,7 @@ class HostRunner:
 
     def _fail_tasks(self, failed):
         for index, why in failed:
-            self.settle([error_record(index, why, "TaskLost: " + why)])
+            self.settle([error_report(index, why, "TaskLost: " + why)])
 
     def lost(self, error, died):
         """A request failed: requeue the host's tasks and mark it down (or refusing) until it
