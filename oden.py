@@ -4298,8 +4298,8 @@ def run_manager(job, settings, hosts, resume, argv, stamp=None):
         removed = remove_temporaries(folder, name)
         if removed:
             log.info("removed %d temporary files left by an interrupted run", removed)
-        indices = tasks_to_run(tasks, folder, name, on_bad=lambda p, why: log.warning(
-            "unreadable result file %s (%s): its task will run again", p, why))
+        indices = tasks_to_run(tasks, folder, name, on_bad=lambda path, why: log.warning(
+            "%s: its task will run again", skipped_text(path, why)))
         log.info("resume: %d of %d tasks have a saved success; %d to run",
                  len(tasks) - len(indices), len(tasks), len(indices))
     else:
