@@ -2883,6 +2883,12 @@ class HostRunner:
     """Feeds one host for the whole run: connect, keep its slots busy, poll,
     and give tasks back to the board when the host fails.
 
+    drive() calls it (in the host's thread) and snapshot() (from the page's thread).
+    Each turn of its loop is one round: take batches from the board (take_batches),
+    send them or a poll with the acks (exchange), save the previous answer's outcomes
+    while the worker works (save_arrived -> settle), receive the answer, then check
+    it against what was sent (_answered) and release or requeue what it says.
+
     Only a worker's death counts against the tasks it held (--max-deaths): when
     the line to a host breaks (GONE) it is asked at once whether it lives
     (verdict()): if so, with the same boot id, it keeps its tasks; if it is dead,
@@ -2901,16 +2907,16 @@ class HostRunner:
         self.in_flight = {}              # batch id -> [task indices]
         self.waiting = []                # ids of the batches in flight that no slot has started
         self.arrived = []                # reports of the last answer, saved during the next request
-        self.acks = []
-        self.slots = 0
+        self.acks = []                   # ids of the batches received, acked in the next request
+        self.slots = 0                   # the worker's slots, from its hello
         self.max_body = MAX_BODY         # the worker's --max-body, from its hello
         self.up = False                  # connected, its slots counted on the board
         self.last_boot = None            # boot id of the worker we last talked to
         self.suspects = []               # tasks it held when the line broke (connect() tells
                                          # whether the worker died with them)
         self.mean_task = None            # seconds, running average from the worker's reports
-        self.finished_told = False
-        self.down_reason = None
+        self.finished_told = False       # handle_finish_machine was called since connect()
+        self.down_reason = None          # why it is down, as last logged (logged once)
 
     def snapshot(self):
         """What the dashboard shows of this host: {"slots", "tasks" (indices in flight),
