@@ -2325,12 +2325,16 @@ class HostClient:
         if status != 200:
             raise self._refusal(status, reply)
         try:
-            return self.codec.open_reply(self.ticket, status, header, reply)
+            answer = self.codec.open_reply(self.ticket, status, header, reply)
         except AuthError as e:
             raise HostError(str(e), REFUSED)
         except Exception as e:
-            raise HostError("its answer is not an oden message (%s): is that port really an oden "
-                            "worker?" % one_line(e), REFUSED)
+            answer = e
+        if not isinstance(answer, dict):     # every answer of a worker is a dict
+            why = " (%s)" % one_line(answer) if isinstance(answer, Exception) else ""
+            raise HostError("its answer is not an oden message%s: is that port really an oden "
+                            "worker?" % why, REFUSED)
+        return answer
 
     def _step(self, step):
         """step(), its failures raised as HostError with the line closed.  A kept-alive line
@@ -2594,6 +2598,7 @@ class TaskBoard:
         self.hunger = 0                          # slots of idle hosts waiting for work now
         self.waiting = {}                        # host number -> indices queued on it, not started
         self.batches = 0                         # batch ids handed out
+        self.asked = 0                           # batches asked back, answers not yet in
 
     @property
     def finished(self):
@@ -2653,6 +2658,21 @@ class TaskBoard:
         with self.changed:
             queued = len(self.pending)
             return queued, self.total_slots, max(0, self.hunger - queued)
+
+    def ask_back(self, waiting):
+        """How many of the `waiting` batches (queued on a host's worker, not started) to ask
+        it to give back now: one for each slot idle elsewhere that neither the queue nor the
+        asks of other hosts will fill.  Reserved until asked_back()."""
+        with self.changed:
+            wanted = min(waiting, max(0, self.hunger - len(self.pending) - self.asked))
+            self.asked += wanted
+            return wanted
+
+    def asked_back(self, count):
+        """The answer to an ask of `count` batches is in: what came back is in the queue."""
+        if count:
+            with self.changed:
+                self.asked -= count
 
     def note_waiting(self, host_number, indices):
         """The tasks waiting (queued, not started) on a host's worker, as of its last answer."""
@@ -2901,6 +2921,7 @@ class HostRunner:
         self.host = host
         self.context, self.board, self.fleet = run.context, run.board, run.fleet
         self.tasks, self.store, self.call_user = run.tasks, run.store, run.call_user
+        self.mean_task_bytes = run.mean_task_bytes
         context = run.context
         self.client = HostClient(host, Codec(context.key), context.timeout, context.tls,
                                  context.keepalive, context.max_reply)
@@ -3040,7 +3061,7 @@ class HostRunner:
         its next batch there even when all end together; more while batches are very short,
         one when they are long (at the end of a run a held batch waits while others idle),
         none when they are big (PREFETCH_BYTES: a held batch costs the worker its memory)."""
-        if self.tasks.mean_size * self.chunk() > PREFETCH_BYTES:
+        if self.mean_task_bytes * self.chunk() > PREFETCH_BYTES:
             return 0
         batch = None if self.mean_task is None else self.mean_task * self.chunk()
         if batch is not None and batch < SHORT_BATCH:
@@ -3072,12 +3093,15 @@ class HostRunner:
         """One request: submit the new batches (if any) and wait up to `wait` s for finished
         ones; with `bye`, the worker then forgets this run and stops what it still runs of it."""
         message = self.request(batches, wait, bye)
-        self.client.send("/submit" if batches else "/poll", message, extra_wait=wait)
-        self.save_arrived()              # the last answer's outcomes are saved while it works
-        reply = self.client.receive()
-        for batch_id in reply.get("busy", ()):
-            self.board.put_back(self.in_flight.pop(batch_id))
-        self._moved(reply.get("returned", ()))
+        try:
+            self.client.send("/submit" if batches else "/poll", message, extra_wait=wait)
+            self.save_arrived()          # the last answer's outcomes are saved while it works
+            reply = self.client.receive()
+            for batch_id in reply.get("busy", ()):
+                self.board.put_back(self.in_flight.pop(batch_id))
+            self._moved(reply.get("returned", ()))
+        finally:
+            self.board.asked_back(message.get("give_back", 0))
         arrived = []
         for batch_id, reports in reply["done"]:
             self.acks.append(batch_id)
@@ -3101,9 +3125,9 @@ class HostRunner:
         if bye:
             message["bye"] = True
         elif not batches and self.waiting:
-            _, _, unmet = self.board.outlook()
-            if unmet:
-                message["give_back"] = min(len(self.waiting), unmet)
+            asked = self.board.ask_back(len(self.waiting))
+            if asked:
+                message["give_back"] = asked
         if batches:
             limit, tasks = self.context.task_timeout, self.tasks
             message["batches"] = [(b, [(i, tasks.wire(i)) for i in indices], limit)
@@ -3129,11 +3153,12 @@ class HostRunner:
         whatever a worker answers, no result lands on another task and none is lost.  (A batch
         given back earlier may still come in: its reports are kept, a duplicate is dropped
         when claimed.)"""
+        reports = [r for r in reports if type(r.get("index")) is int]   # not 1.0, not True
         indices = self.in_flight.pop(batch_id, None)
         if indices is None:
-            return [r for r in reports if 0 <= r.get("index", -1) < len(self.tasks)]
+            return [r for r in reports if 0 <= r["index"] < len(self.tasks)]
         held = set(indices)
-        kept = [r for r in reports if r.get("index") in held]
+        kept = [r for r in reports if r["index"] in held]
         unanswered = held - {r["index"] for r in kept}
         if len(kept) != len(reports) or unanswered:
             log.warning("%s answered batch %d with %d reports for %d tasks: %d dropped, %d run "
@@ -3177,8 +3202,9 @@ class HostRunner:
             with contextlib.suppress(HostError):
                 self.exchange([], wait=0, bye=True)
         self.save_arrived()
-        if self.in_flight:
-            self._give_back(list(self.in_flight), "the run stopped")
+        if self.in_flight:               # a stop is no task's fault: no attempt counted
+            self.board.put_back([i for indices in self.in_flight.values() for i in indices])
+            self.in_flight.clear()
 
     # -- helpers ----------------------------------------------------------
     def _take_acks(self):
@@ -3885,7 +3911,8 @@ class ResultStore:
         self.tally = Tally()
         self.lock = threading.Lock()     # guards `claimed` and `failure`
         self.claimed = bytearray(len(tasks))     # index -> 1 once its outcome is claimed
-        self.failure = None              # why a file could not be written (read unlocked: set once)
+        self.failure = None              # why a file could not be written (read unlocked: it
+                                         # only goes from None to a reason)
         self.changed = threading.Condition()     # guards the writer's queue below
         self.queued = collections.OrderedDict()  # host -> [file records], in arrival order
         self.queued_count = 0
@@ -4034,6 +4061,7 @@ class Run:
 
     def __init__(self, job, context, tasks, indices, hosts):
         self.job, self.context, self.tasks, self.hosts = job, context, tasks, hosts
+        self.mean_task_bytes = tasks.mean_size(indices)     # of the tasks this run runs
         self.board = TaskBoard(indices, context.max_attempts, context.max_deaths)
         self.fleet = Fleet(hosts)
         self.store = ResultStore(context, tasks)
@@ -4076,17 +4104,14 @@ class Tasks:
     def __init__(self, tasks):
         self.entries = []                # index -> pickle (bytes), or the task itself when big
         self.big = {}                    # index -> size of its pickle, for the big ones
-        total = 0
         for index, task in enumerate(tasks):
             data = pickle_task(index, task)
-            total += len(data)
             if len(data) < OUT_OF_BAND:
                 self.entries.append(data)
             else:
                 self.entries.append(task)
                 self.big[index] = len(data)
             tasks[index] = data = None   # the caller's list lets go of it: one copy
-        self.mean_size = total / max(1, len(self.entries))     # bytes of a task's pickle
 
     def __len__(self):
         return len(self.entries)
@@ -4094,6 +4119,11 @@ class Tasks:
     def size(self, index):
         """Bytes the task's pickle takes."""
         return self.big.get(index) or len(self.entries[index])
+
+    def mean_size(self, indices):
+        """Mean bytes of the pickles of the tasks `indices` (0 for none)."""
+        indices = list(indices)
+        return sum(self.size(index) for index in indices) / max(1, len(indices))
 
     def wire(self, index):
         """The task as it goes into a submit: its pickle, or a PickleBuffer of it (a frame)."""

@@ -72,6 +72,24 @@ class BatchAnswerTest(unittest.TestCase):
         self.assertEqual(run.board.attempts[1], 1)
         self.assertEqual(runner.in_flight, {8: [2, 3]})
 
+    def test_an_index_that_is_no_int_lands_nowhere_and_its_task_runs_again(self):
+        run = StubRun(self, list("ab"))
+        runner = StubRunner(run)
+        runner.in_flight = {7: run.board.take(2)}
+        with self.assertLogs("oden", "WARNING"):
+            kept = runner._answered(7, [{"index": 1.0, "ok": True}, {"index": True, "ok": True}])
+        self.assertEqual(kept, [])
+        self.assertEqual(list(run.board.pending), [0, 1])
+
+    def test_tasks_held_when_the_run_stops_go_back_without_an_attempt(self):
+        run = StubRun(self, list("abc"), max_attempts=1)
+        runner = StubRunner(run)
+        runner.in_flight = {1: run.board.take(2)}
+        runner.collect_last()
+        self.assertEqual((runner.in_flight, run.accepted), ({}, []))      # no error files
+        self.assertEqual(sorted(run.board.pending), [0, 1, 2])
+        self.assertEqual(sum(run.board.attempts.values()), 0)
+
     def test_a_late_batch_given_back_earlier_keeps_its_records_in_range(self):
         run = StubRun(self, list("ab"))
         kept = StubRunner(run)._answered(99, [{"index": 1}, {"index": 5}, {"index": -1}, {}])
@@ -121,6 +139,18 @@ class TailTest(unittest.TestCase):
             run.board.take(2)
             self.assertEqual(self.request(busy)["give_back"], 1)
         self.assertNotIn("give_back", self.request(busy))
+
+    def test_an_idle_slot_is_asked_for_once_across_hosts(self):
+        run = StubRun(self, list("abcdef"))
+        runners = [oden.HostRunner(run, oden.Host(n, "127.0.0.1", 8080 + n)) for n in (1, 2, 3)]
+        for runner in runners:
+            runner.in_flight = {1: run.board.take(1), 2: run.board.take(1)}
+            runner._note_waiting([2])
+        with run.board.hungry(1):
+            asked = [self.request(runner).get("give_back", 0) for runner in runners]
+            self.assertEqual(asked, [1, 0, 0])
+            run.board.asked_back(1)                  # its answer is in (nothing came back)
+            self.assertEqual(self.request(runners[1]).get("give_back"), 1)
 
     def request(self, runner):
         runner.acks = []
