@@ -120,19 +120,19 @@ class BlameTest(support.OdenTestCase):
         project = self.project(library_code="""
             import time
             def make_tasks():
-                return list(range(5))
+                return list(range(4))
             def calc(x):
-                time.sleep(1000 if x == 4 else 0.93)
+                time.sleep(1000 if x == 3 else 0.8)
                 return x
         """)
         project.write_hosts([project.start_worker("--slots", "1")])
-        completed = project.run("manager", "--chunksize", "5", "--task-timeout", "1", *FAST,
+        completed = project.run("manager", "--chunksize", "4", "--task-timeout", "1", *FAST,
                                 timeout=60)
         self.assertRan(completed, 1)
         done, errors = outcomes(self, project)
-        self.assertEqual(sorted(errors), [4], [e["exception"] for e in errors.values()])
-        self.assertRegex(errors[4]["error"], r"^timed out after 1(\.0)? s")
-        self.assertEqual(sorted(done), [0, 1, 2, 3])
+        self.assertEqual(sorted(errors), [3], [e["exception"] for e in errors.values()])
+        self.assertRegex(errors[3]["error"], r"^timed out after 1(\.0)? s")
+        self.assertEqual(sorted(done), [0, 1, 2])
 
 
 RAISERS = """
