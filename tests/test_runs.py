@@ -190,12 +190,12 @@ class BlameTest(support.OdenTestCase):
     def test_a_time_out_is_an_attempt_that_names_timeout_not_a_death(self):
         project = self.project(library_code="""
             def make_tasks():
-                return ["x" * 200000]
+                return ["x" * 100000]
             def calc(task):
                 return len(task)
         """)
         worker = project.start_worker("--slots", "1", "--threads")
-        proxy = support.Proxy(worker.port, rate=10000)      # 20 s for the task: over any deadline
+        proxy = support.Proxy(worker.port, rate=5000)       # 20 s for the task: over any deadline
         self.addCleanup(proxy.close)
         project.write_hosts([proxy.address])
         completed = project.run("manager", "--timeout", "1", "--interval-polling", "0.2",
