@@ -193,7 +193,9 @@ class FaultTest(support.OdenTestCase):
         """)
         worker = project.start_worker("--slots", "2")
         project.write_hosts([worker])
-        manager = Manager(project, "manager", *FAST)
+        # --timeout 10: the restart of the worker under a loaded machine must not look like a
+        # silent worker when the manager wakes up (the cause asserted below would differ)
+        manager = Manager(project, "manager", "--interval-polling", "0.2", "--timeout", "10")
         self.assertTrue(wait_for(lambda: count_done(project) >= 2), manager.output())
         self.assertTrue(freeze(manager.process.pid), "the manager did not stop")
         try:
