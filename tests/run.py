@@ -75,7 +75,8 @@ def leaves(suite):
 def module_name(name):
     """unittest's names, plus a path to a test file (tests/test_x.py) as its module."""
     if name.endswith(".py") and os.path.isfile(name):
-        return os.path.splitext(os.path.relpath(os.path.abspath(name), HERE))[0].replace(os.sep, ".")
+        relative = os.path.relpath(os.path.abspath(name), HERE)
+        return os.path.splitext(relative)[0].replace(os.sep, ".")
     return name
 
 
@@ -103,7 +104,7 @@ class Group:
 
     def __init__(self, names, tests, seconds):
         self.names, self.tests, self.seconds = names, tests, seconds
-        self.output, self.took, self.cpu, self.note = "", 0.0, 0.0, None
+        self.output, self.began, self.took, self.cpu, self.note = "", 0.0, 0.0, 0.0, None
         self.ran, self.counts, self.details = 0, collections.Counter(), ""
         self.ok = False
 
@@ -203,6 +204,7 @@ class Runner:
         self.running = {}                     # token -> Popen, for an interrupt
         self.finished = []
         self.stopping = False
+        self.started = time.monotonic()
 
     def run(self):
         threads = [threading.Thread(target=self.serve, daemon=True) for _ in range(self.jobs)]
@@ -233,9 +235,11 @@ class Runner:
 
     def run_group(self, group):
         token = secrets.token_hex(8)
-        command = [sys.executable, "-m", "unittest"] + (["-v"] if self.verbose else []) + group.names
+        command = ([sys.executable, "-m", "unittest"] + (["-v"] if self.verbose else [])
+                   + group.names)
         env = dict(os.environ, **{TOKEN_ENV: token})
         started = time.monotonic()
+        group.began = started - self.started
         with tempfile.TemporaryFile() as out:
             process = subprocess.Popen(command, cwd=HERE, env=env, stdin=subprocess.DEVNULL,
                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -246,7 +250,8 @@ class Runner:
             except subprocess.TimeoutExpired:
                 kill_all(token, process)
                 code = wait(process, group, None)
-                group.note = "killed after %d s (--timeout) with every process it started" % self.timeout
+                group.note = ("killed after %d s (--timeout) with every process it started"
+                              % self.timeout)
             finally:
                 with self.lock:
                     self.running.pop(token, None)
@@ -338,13 +343,14 @@ def main(argv=None):
     if args.durations:
         stream.write("\nSlowest groups\n%s\n" % SEPARATOR2)
         for group in sorted(runner.finished, key=lambda g: -g.took)[:args.durations]:
-            stream.write("%7.1fs  %5.1fs CPU  (guessed %4.1fs)  %s\n"
-                         % (group.took, group.cpu, group.seconds, group.label))
+            stream.write("%7.1fs  %5.1fs CPU  from %5.1fs  (guessed %4.1fs)  %s\n"
+                         % (group.took, group.cpu, group.began, group.seconds, group.label))
     total = collections.Counter()
     for group in runner.finished:
         total.update(group.counts)
     ran = sum(g.ran for g in runner.finished)
-    stream.write("%s\nRan %d test%s in %.3fs\n\n" % (SEPARATOR2, ran, "" if ran == 1 else "s", took))
+    stream.write("%s\nRan %d test%s in %.3fs\n\n"
+                 % (SEPARATOR2, ran, "" if ran == 1 else "s", took))
     infos = ["%s=%d" % (kind, total[kind]) for kind in KINDS if total[kind]]
     failed = total["failures"] or total["errors"] or total["unexpected successes"]
     ok = not failed and all(g.ok for g in runner.finished)

@@ -9,12 +9,12 @@ import sys
 import time
 
 import support
-from test_faults import Manager, results
 
 sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402
 
-FAST = ("--interval-polling", "0.2", "--timeout", "5", "--give-up-after", "30")
+FAST = support.fast(5, "--give-up-after", "30")
+Manager, results = support.Manager, support.results
 
 JOB = """
 import helper

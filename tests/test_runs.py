@@ -15,9 +15,9 @@ import sys
 import time
 
 import support
-from test_faults import Manager, results
 
-FAST = ("--interval-polling", "0.2", "--timeout", "3")
+FAST = support.fast(3)
+Manager, results = support.Manager, support.results
 
 ECHO = """
 import time

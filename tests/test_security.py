@@ -65,8 +65,7 @@ def post(port, path, body, headers, method="POST"):
 
 
 def get(port, path):
-    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=20) as response:
-        return response.status, response.read().decode("utf-8", "replace")
+    return support.get(port, path, timeout=20)
 
 
 def status_json(worker):
