@@ -29,6 +29,7 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN_ENV = "ODEN_TEST_GROUP"
+JOBS = min(32, 4 * (os.cpu_count() or 1))     # groups at once: most of a group is waiting
 GROUP_SECONDS = 4.5                 # a class without class fixtures is cut into groups this long
 
 # Seconds a test takes alone, measured on a 2-core machine (a guide to the order and the groups,
@@ -110,33 +111,44 @@ class Group:
 
     @property
     def label(self):
-        first = self.names[0].rsplit(".", 1)[0] if self.tests > 1 else self.names[0]
-        return first + (" (%d tests)" % self.tests if self.tests > 1 else "")
+        if self.tests == 1:
+            return self.names[0]
+        classes = unique(name.rsplit(".", 1)[0] for name in self.names)
+        more = " and %d more classes" % (len(classes) - 1) if len(classes) > 1 else ""
+        return "%s%s (%d tests)" % (classes[0], more, self.tests)
 
 
 def make_groups(tests):
-    """Groups in the order to start them: the slowest first."""
-    groups, by_class = [], collections.OrderedDict()
+    """Groups in the order to start them, the slowest first: a class with class fixtures is
+    one group; the tests of a module's other classes are packed, in order, into groups of
+    about GROUP_SECONDS."""
+    groups, by_module = [], collections.OrderedDict()
     for test in tests:
         if type(test).__module__ == "unittest.loader":      # a module that failed to import
             groups.append(Group([test._testMethodName], 1, 0))
         else:
-            by_class.setdefault(type(test), []).append(test)
-    for cls, members in by_class.items():
-        if has_class_fixtures(cls):
-            groups.append(Group([t.id() for t in members], len(members), sum(map(cost, members))))
-            continue
+            by_module.setdefault(type(test).__module__, []).append(test)
+    for members in by_module.values():
         chunk, seconds = [], 0.0
-        for test in members:
-            if chunk and seconds + cost(test) > GROUP_SECONDS:
-                groups.append(Group([t.id() for t in chunk], len(chunk), seconds))
-                chunk, seconds = [], 0.0
-            chunk.append(test)
-            seconds += cost(test)
+        for cls in unique(type(t) for t in members):
+            own = [t for t in members if type(t) is cls]
+            if has_class_fixtures(cls):
+                groups.append(Group([t.id() for t in own], len(own), sum(map(cost, own))))
+                continue
+            for test in own:
+                if chunk and seconds + cost(test) > GROUP_SECONDS:
+                    groups.append(Group([t.id() for t in chunk], len(chunk), seconds))
+                    chunk, seconds = [], 0.0
+                chunk.append(test)
+                seconds += cost(test)
         if chunk:
             groups.append(Group([t.id() for t in chunk], len(chunk), seconds))
     groups.sort(key=lambda g: -g.seconds)
     return groups
+
+
+def unique(items):
+    return list(collections.OrderedDict.fromkeys(items))
 
 
 # ------------------------------------------------------------------ processes of a group
@@ -306,8 +318,8 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="tests to run as unittest names them "
                         "(test_core, test_core.CoreWorkflowTest, ...); default: every test")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per test")
-    parser.add_argument("-j", "--jobs", type=int, default=2 * (os.cpu_count() or 1),
-                        help="subprocesses at once (default: twice the cores, %(default)s)")
+    parser.add_argument("-j", "--jobs", type=int, default=JOBS,
+                        help="subprocesses at once (default: 4 per core, at most 32: %(default)s)")
     parser.add_argument("-k", dest="patterns", action="append",
                         help="only tests whose name matches this pattern (as unittest's -k)")
     parser.add_argument("--timeout", type=float, default=300,
