@@ -328,6 +328,10 @@ def main(argv=None):
                         help="print the N slowest groups")
     args = parser.parse_args(argv)
     stream = sys.stderr                       # where unittest writes
+    # Started in the background by a shell without job control, we inherit SIGINT ignored, and
+    # so would the managers that tests stop with SIGINT (Ctrl-C): a handler of ours is reset
+    # to the default in every process we start.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     started = time.monotonic()
     sys.path.insert(0, HERE)
