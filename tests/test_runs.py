@@ -179,7 +179,8 @@ class BlameTest(support.OdenTestCase):
         project.write_hosts([proxy.address])
         manager = Manager(project, "manager", "--max-deaths", "1", "--no-keepalive", *FAST)
         self.assertTrue(support.wait_for(lambda: "is up" in manager.output(), 30), manager.output())
-        time.sleep(0.3)                       # the tasks are on the worker now
+        busy = lambda: "2 of 2 slots busy" in support.get(worker.url + "/status")[1]
+        self.assertTrue(support.wait_for(busy, 30), manager.output())   # the tasks run there now
         self.assertGreaterEqual(proxy.cut(), 1)
         code, output = manager.finish(self)
         self.assertEqual(code, 0, output[-3000:])
