@@ -5,7 +5,8 @@ at once (`python -m unittest [-v] test ...` each, in this folder). unittest's lo
 the tests, as `python -m unittest discover -s tests` would; the names on the command line
 (module, module.Class, module.Class.test_method, or tests/test_x.py) pick some, as they do
 for unittest. A class with setUpClass or tearDownClass runs whole in one subprocess; the
-other classes are cut into groups of a few seconds. The slowest groups start first. Each
+tests of a module's other classes are packed into groups of a few seconds (a guess from
+COST, measured). The slowest groups start first. Each
 group's output is printed whole when it ends; failures and errors come again at the end,
 then one summary in unittest's form ("Ran N tests in X s", "OK" or "FAILED (...)").
 Exit code 0 when every test passed, 1 otherwise.
@@ -47,7 +48,7 @@ COST = {
     "test_faults.FaultTest.test_down_host": 4.9,
     "test_faults.FaultTest.test_late_result": 5.2,
     "test_faults.FaultTest.test_long_task": 4.4,
-    "test_isolation.BlameTest.test_time_out_blames": 6.5,
+    "test_isolation.BlameTest.test_time_out_blames": 5,
     "test_isolation.SharedWorkerTest": 3,
     "test_runs.BlameTest.test_a_time_out": 5.5,
     "test_runs.IdentityTest.test_the_resume_hint": 4.7,
