@@ -5,10 +5,10 @@ at once (`python -m unittest [-v] test ...` each, in this folder). unittest's lo
 the tests, as `python -m unittest discover -s tests` would; the names on the command line
 (module, module.Class, module.Class.test_method, or tests/test_x.py) pick some, as they do
 for unittest. A class with setUpClass or tearDownClass runs whole in one subprocess; the
-tests of a module's other classes are packed into groups of a few seconds (a guess from
-COST, measured). The slowest groups start first. Each
-group's output is printed whole when it ends; failures and errors come again at the end,
-then one summary in unittest's form ("Ran N tests in X s", "OK" or "FAILED (...)").
+tests of a module's other classes are packed into groups of a few seconds (as measured
+times in COST guess). The slowest groups start first. Each group's output is printed whole
+when it ends; failures and errors come again at the end, then one summary in unittest's
+form ("Ran N tests in X s", "OK" or "FAILED (...)").
 Exit code 0 when every test passed, 1 otherwise.
 
 Every group runs with $ODEN_TEST_GROUP set to a token of its own, which every process it
