@@ -1,4 +1,5 @@
-"""Read a unittest -v log; print "passed failed" (a crashed run counts as one failure)."""
+"""Read the log of tests/run.py -v (or of unittest -v: its last summary is in the same form);
+print "passed failed" (a crashed run counts as one failure)."""
 import re
 import sys
 

@@ -4,6 +4,7 @@ processes on free loopback ports, and the manager run as a user would run it.
 Every process started here is registered with the test case and reaped in
 cleanup; every wait is bounded.
 """
+import collections
 import contextlib
 import glob
 import os
@@ -18,7 +19,9 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import unittest
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ODEN = os.path.join(ROOT, "oden.py")
@@ -32,6 +35,59 @@ LIBRARY_FOOTER = """
 if __name__ == "__main__":
     sys.exit(oden.main(make_tasks=make_tasks, calc=calc, name=NAME))
 """
+
+
+def fast(timeout=5, *more):
+    """Manager options for short test runs: poll every 0.2 s; a host that does not answer
+    within `timeout` s is down."""
+    return ("--interval-polling", "0.2", "--timeout", str(timeout)) + more
+
+
+FAST = fast()
+
+# The user section of oden.py that tests start from (Project(user_code=user_section(...))):
+# the settings and hooks, then the test's own code (make_tasks and calc at least).
+SETTINGS = """
+import sys
+hosts = None
+name = "t"
+interval_polling = 0.2
+timeout = 5
+task_timeout = None
+chunksize = None
+
+
+def handle_finish_machine(uri, name):
+    pass
+
+
+def handle_finish_tasks():
+    pass
+
+
+def show_status():
+    return %r
+
+"""
+
+
+def user_section(code, status="core test job"):
+    """SETTINGS (show_status() returns `status`) followed by `code`, dedented."""
+    return SETTINGS % (status,) + textwrap.dedent(code)
+
+
+def get(where, path="", timeout=10):
+    """GET on a fresh connection: (HTTP status, body text). `where` is a URL, or the port of
+    a loopback server and then `path` follows it."""
+    url = where + path if isinstance(where, str) else "http://127.0.0.1:%d%s" % (where, path)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, response.read().decode("utf-8", "replace")
+
+
+def get_typed(url, timeout=10):
+    """GET on a fresh connection: (Content-Type, body text)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.headers.get("Content-Type"), response.read().decode("utf-8")
 
 
 class Worker:
@@ -90,11 +146,26 @@ class Project:
         if library_code is not None:
             self.script = os.path.join(self.folder, "job.py")
             with open(self.script, "w") as f:
-                f.write(LIBRARY_HEADER + "NAME = %r\n" % name + textwrap.dedent(library_code) + LIBRARY_FOOTER)
+                f.write(LIBRARY_HEADER + "NAME = %r\n" % name + textwrap.dedent(library_code)
+                        + LIBRARY_FOOTER)
+            self.precompile()
         else:
             self.script = os.path.join(self.folder, "oden.py")
             if user_code is not None:
                 self.set_user_section(user_code)
+
+    def precompile(self):
+        """Compile the project's oden.py once for every process that imports it (a worker, its
+        forkserver, a manager: 40 ms of CPU each otherwise), to __pycache__ as Python would.
+        The bytecode is checked against a hash of the source at every import, never against
+        a time stamp, so a file rewritten within a second is never run stale."""
+        import py_compile
+        source = os.path.join(self.folder, "oden.py")
+        try:
+            py_compile.compile(source, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except (py_compile.PyCompileError, OSError):
+            pass                                  # the processes compile it themselves
 
     def set_user_section(self, code):
         """Replace the user section of the project's oden.py with `code` (dedented)."""
@@ -117,9 +188,10 @@ class Project:
         """Start `python3 script worker` on loopback; return a Worker once it listens."""
         output_path = self.path("worker-%d-%s.out" % (len(self.processes), secrets.token_hex(2)))
         out = open(output_path, "wb")
-        command = [sys.executable, self.script, "worker", "--bind", "127.0.0.1", "--port", str(port)] + list(args)
-        process = subprocess.Popen(command, cwd=self.folder, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        command = [sys.executable, self.script, "worker", "--bind", "127.0.0.1",
+                   "--port", str(port)] + list(args)
+        process = subprocess.Popen(command, cwd=self.folder, env=self.env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.processes.append(process)
         deadline = time.monotonic() + wait
@@ -141,16 +213,20 @@ class Project:
         """Start a command of the project's script without waiting (e.g. a manager to kill)."""
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.STDOUT)
-        process = subprocess.Popen([sys.executable, self.script] + list(args), cwd=self.folder, env=self.env,
+        process = subprocess.Popen([sys.executable, self.script] + list(args),
+                                   cwd=self.folder, env=self.env,
                                    stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
         self.processes.append(process)
         return process
 
     def run(self, *args, timeout=180, input=None):
-        """Run a command of the project's script to the end; return CompletedProcess with .output text."""
-        process = subprocess.run([sys.executable, self.script] + list(args), cwd=self.folder, env=self.env,
+        """Run a command of the project's script to the end; return CompletedProcess with
+        .output text."""
+        process = subprocess.run([sys.executable, self.script] + list(args),
+                                 cwd=self.folder, env=self.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                                 input=input, stdin=None if input is not None else subprocess.DEVNULL)
+                                 input=input,
+                                 stdin=None if input is not None else subprocess.DEVNULL)
         process.output = process.stdout.decode("utf-8", "replace")
         return process
 
@@ -226,6 +302,45 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Manager:
+    """A manager (or resume) process whose output goes to a file, to watch while it runs."""
+
+    def __init__(self, project, *args):
+        self.path = project.path("manager-%s.out" % secrets.token_hex(3))
+        with open(self.path, "wb") as out:
+            self.process = project.popen(*args, stdout=out)
+
+    def output(self):
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def running(self):
+        return self.process.poll() is None
+
+    def finish(self, test, seconds=120):
+        """Wait for the exit; return (exit code, output)."""
+        try:
+            code = self.process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            test.fail("manager still runs after %d s:\n%s" % (seconds, self.output()[-4000:]))
+        return code, self.output()
+
+
+def results(project, suffix=".done.pickle"):
+    """index -> [record, ...] over every result file with that suffix (each must load)."""
+    found = collections.defaultdict(list)
+    for path in project.files(project.name + "*" + suffix):
+        with open(path, "rb") as f:
+            record = pickle.load(f)
+        found[record["index"]].append(dict(record, path=path))
+    return found
+
+
+def class_project(cls, **kwargs):
+    """A Project that lives as long as the test class (reaped by its class cleanup)."""
+    return Project(types.SimpleNamespace(addCleanup=cls.addClassCleanup), **kwargs)
 
 
 class OdenTestCase(unittest.TestCase):
@@ -404,9 +519,9 @@ def run_on_terminal(project, *args, columns=None, timeout=120):
     try:
         if columns is not None:
             set_terminal_size(slave, 24, columns)
-        process = subprocess.Popen([sys.executable, project.script] + list(args), cwd=project.folder,
-                                   env=project.env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                                   start_new_session=True)
+        process = subprocess.Popen([sys.executable, project.script] + list(args),
+                                   cwd=project.folder, env=project.env, stdin=subprocess.DEVNULL,
+                                   stdout=slave, stderr=slave, start_new_session=True)
     finally:
         os.close(slave)
     project.processes.append(process)

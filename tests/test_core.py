@@ -7,44 +7,15 @@ import os
 import pickle
 import re
 import sys
-import textwrap
 import time
-import urllib.request
 
 import support
 
 sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402  (the in-process client and parse_hosts)
 
-FAST = ["--interval-polling", "0.2", "--timeout", "5"]
-
-# The user section every test starts from; the test's own code follows it and
-# redefines what it needs (make_tasks and calc at least).
-SETTINGS = """
-hosts = None
-name = "t"
-interval_polling = 0.2
-timeout = 5
-task_timeout = None
-chunksize = None
-
-
-def handle_finish_machine(uri, name):
-    pass
-
-
-def handle_finish_tasks():
-    pass
-
-
-def show_status():
-    return "core test job"
-
-"""
-
-
-def user_code(code):
-    return SETTINGS + textwrap.dedent(code)
+FAST = support.FAST
+user_code = support.user_section
 
 
 def basenames(paths):
@@ -55,9 +26,7 @@ def index_of(path):
     return int(re.search(r"_(\d+)\.(done|error)\.pickle$", path).group(1))
 
 
-def get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read().decode("utf-8", "replace")
+get = support.get
 
 
 class CoreWorkflowTest(support.OdenTestCase):

@@ -10,10 +10,8 @@ import os
 import pickle
 import random
 import re
-import secrets
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import threading
@@ -22,7 +20,7 @@ import unittest
 
 import support
 
-FAST = ("--interval-polling", "0.2", "--timeout", "2")
+FAST = support.fast(2)
 
 
 GATE = """
@@ -58,38 +56,7 @@ def freeze(pid):
 wait_for = support.wait_for
 
 
-class Manager:
-    """A manager (or resume) process whose output goes to a file, to watch while it runs."""
-
-    def __init__(self, project, *args):
-        self.path = project.path("manager-%s.out" % secrets.token_hex(3))
-        with open(self.path, "wb") as out:
-            self.process = project.popen(*args, stdout=out)
-
-    def output(self):
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def running(self):
-        return self.process.poll() is None
-
-    def finish(self, test, seconds=120):
-        """Wait for the exit; return (exit code, output)."""
-        try:
-            code = self.process.wait(seconds)
-        except subprocess.TimeoutExpired:
-            test.fail("manager still runs after %d s:\n%s" % (seconds, self.output()[-4000:]))
-        return code, self.output()
-
-
-def results(project, suffix=".done.pickle"):
-    """index -> [record, ...] over every result file with that suffix (each must load)."""
-    found = collections.defaultdict(list)
-    for path in project.files(project.name + "*" + suffix):
-        with open(path, "rb") as f:
-            record = pickle.load(f)
-        found[record["index"]].append(dict(record, path=path))
-    return found
+Manager, results = support.Manager, support.results
 
 
 def count_done(project):
@@ -193,7 +160,9 @@ class FaultTest(support.OdenTestCase):
         """)
         worker = project.start_worker("--slots", "2")
         project.write_hosts([worker])
-        manager = Manager(project, "manager", *FAST)
+        # --timeout 10: the restart of the worker under a loaded machine must not look like a
+        # silent worker when the manager wakes up (the cause asserted below would differ)
+        manager = Manager(project, "manager", "--interval-polling", "0.2", "--timeout", "10")
         self.assertTrue(wait_for(lambda: count_done(project) >= 2), manager.output())
         self.assertTrue(freeze(manager.process.pid), "the manager did not stop")
         try:

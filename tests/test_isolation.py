@@ -26,7 +26,7 @@ import support  # noqa: E402
 sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402  (the in-process client and WorkerState)
 
-FAST = ("--yes", "--interval-polling", "0.2", "--timeout", "2")
+FAST = support.fast(2, "--yes")
 HAS_PROC = os.path.isdir("/proc/self")
 
 
@@ -55,23 +55,7 @@ def gone(pid):
     return stat is None or stat[0] == "Z"
 
 
-class Manager:
-    """A manager process whose output goes to a file, to kill or to wait for."""
-
-    def __init__(self, project, *args):
-        self.path = project.path("manager-%d.out" % len(project.processes))
-        with open(self.path, "wb") as out:
-            self.process = project.popen(*args, stdout=out)
-
-    def output(self):
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def finish(self, test, seconds=60):
-        try:
-            return self.process.wait(seconds)
-        except Exception:
-            test.fail("the manager still runs after %d s:\n%s" % (seconds, self.output()[-3000:]))
+Manager = support.Manager
 
 
 class BlameTest(support.OdenTestCase):
@@ -120,19 +104,19 @@ class BlameTest(support.OdenTestCase):
         project = self.project(library_code="""
             import time
             def make_tasks():
-                return list(range(5))
+                return list(range(4))
             def calc(x):
-                time.sleep(1000 if x == 4 else 0.93)
+                time.sleep(1000 if x == 3 else 0.8)
                 return x
         """)
         project.write_hosts([project.start_worker("--slots", "1")])
-        completed = project.run("manager", "--chunksize", "5", "--task-timeout", "1", *FAST,
+        completed = project.run("manager", "--chunksize", "4", "--task-timeout", "1", *FAST,
                                 timeout=60)
         self.assertRan(completed, 1)
         done, errors = outcomes(self, project)
-        self.assertEqual(sorted(errors), [4], [e["exception"] for e in errors.values()])
-        self.assertRegex(errors[4]["error"], r"^timed out after 1(\.0)? s")
-        self.assertEqual(sorted(done), [0, 1, 2, 3])
+        self.assertEqual(sorted(errors), [3], [e["exception"] for e in errors.values()])
+        self.assertRegex(errors[3]["error"], r"^timed out after 1(\.0)? s")
+        self.assertEqual(sorted(done), [0, 1, 2])
 
 
 RAISERS = """
@@ -356,8 +340,8 @@ class SharedWorkerTest(support.OdenTestCase):
         alice = Manager(project, "manager", "--name", "alice", "--chunksize", "1", *FAST)
         self.assertTrue(support.wait_for(lambda: status(worker)["slots_busy"] > 0, 30))
         bob = Manager(project, "manager", "--name", "bob", "--chunksize", "1", *FAST)
-        self.assertEqual(alice.finish(self), 0, alice.output()[-3000:])
-        self.assertEqual(bob.finish(self), 0, bob.output()[-3000:])
+        self.assertEqual(alice.finish(self, 60)[0], 0, alice.output()[-3000:])
+        self.assertEqual(bob.finish(self, 60)[0], 0, bob.output()[-3000:])
         for run in ("alice", "bob"):
             records = []
             for path in project.files(run + "1_*.done.pickle"):
@@ -388,7 +372,7 @@ class SharedWorkerTest(support.OdenTestCase):
         os.killpg(alice.process.pid, signal.SIGKILL)
         alice.process.wait(10)
         bob = Manager(project, "manager", "--name", "bob", "--chunksize", "1", *FAST)
-        self.assertEqual(bob.finish(self, 20), 0, bob.output()[-3000:])
+        self.assertEqual(bob.finish(self, 20)[0], 0, bob.output()[-3000:])
         self.assertEqual(len(project.files("bob1_*.done.pickle")), 4)
         if HAS_PROC:
             pids = [int(p.rsplit("-", 1)[1].split(".")[0]) for p in project.files("alice-*.pid")]

@@ -18,7 +18,7 @@ JOB = """
             raise ValueError("seven is unlucky")
         return task["n"] * 2
 """
-FAST = ("--interval-polling", "0.2", "--timeout", "5")
+FAST = support.FAST
 
 
 class PackTest(support.OdenTestCase):

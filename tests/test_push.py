@@ -9,12 +9,12 @@ import sys
 import time
 
 import support
-from test_faults import Manager, results
 
 sys.path.insert(0, support.ROOT)
 import oden  # noqa: E402
 
-FAST = ("--interval-polling", "0.2", "--timeout", "5", "--give-up-after", "30")
+FAST = support.fast(5, "--give-up-after", "30")
+Manager, results = support.Manager, support.results
 
 JOB = """
 import helper
@@ -27,6 +27,15 @@ def calc(x):
 """
 OLD_HELPER = "BROKEN = True\n\ndef f(x):\n    return x + 1000\n"
 NEW_HELPER = "BROKEN = False\n\ndef f(x):\n    return x * 10\n"
+
+# Each task of the other run says it runs ("holding") and waits (60 s at most) until the test
+# creates "release" in the worker's folder: that run is busy there as long as the test needs.
+HOLD = """\
+    open("holding", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists("release") and time.monotonic() < deadline:
+        time.sleep(0.02)
+"""
 
 
 def read(path):
@@ -145,11 +154,12 @@ class PushTest(support.OdenTestCase):
         self.assertEqual(worker.output().count("listening on"), 1)
 
     def test_a_worker_busy_with_another_run_is_not_restarted_under_it(self):
-        slow = JOB.replace("return helper.f(x)", "time.sleep(2)\n    return helper.f(x)")
-        pc, [(machine, worker)] = self.machines(1, code="import time\n" + slow)
+        held = JOB.replace("    return helper.f(x)", HOLD + "    return helper.f(x)")
+        pc, [(machine, worker)] = self.machines(1, code="import os, time\n" + held)
         other = Manager(machine, "manager", "--yes", "--name", "other", *FAST)   # runs the old code
         machine.write_hosts([worker])
-        self.assertTrue(support.wait_for(lambda: "is up" in other.output(), 30), other.output())
+        self.assertTrue(support.wait_for(lambda: os.path.exists(machine.path("holding")), 30),
+                        other.output())
         with open(pc.path("helper.py"), "w") as f:
             f.write(NEW_HELPER)
         started = time.monotonic()
@@ -157,6 +167,7 @@ class PushTest(support.OdenTestCase):
         self.assertRan(pushed, 1)
         self.assertIn("it runs another run's tasks", pushed.output)
         self.assertEqual(read(machine.path("helper.py")), OLD_HELPER)
+        open(machine.path("release"), "w").close()                # the other run may end now
         code, output = other.finish(self)
         self.assertEqual(code, 1, output[-3000:])                 # task 3 fails with the old code
         self.assertEqual(worker.output().count("listening on"), 1)

@@ -15,9 +15,9 @@ import sys
 import time
 
 import support
-from test_faults import Manager, results
 
-FAST = ("--interval-polling", "0.2", "--timeout", "3")
+FAST = support.fast(3)
+Manager, results = support.Manager, support.results
 
 ECHO = """
 import time
@@ -179,7 +179,8 @@ class BlameTest(support.OdenTestCase):
         project.write_hosts([proxy.address])
         manager = Manager(project, "manager", "--max-deaths", "1", "--no-keepalive", *FAST)
         self.assertTrue(support.wait_for(lambda: "is up" in manager.output(), 30), manager.output())
-        time.sleep(0.3)                       # the tasks are on the worker now
+        busy = lambda: "2 of 2 slots busy" in support.get(worker.url + "/status")[1]
+        self.assertTrue(support.wait_for(busy, 30), manager.output())   # the tasks run there now
         self.assertGreaterEqual(proxy.cut(), 1)
         code, output = manager.finish(self)
         self.assertEqual(code, 0, output[-3000:])
@@ -190,12 +191,12 @@ class BlameTest(support.OdenTestCase):
     def test_a_time_out_is_an_attempt_that_names_timeout_not_a_death(self):
         project = self.project(library_code="""
             def make_tasks():
-                return ["x" * 200000]
+                return ["x" * 100000]
             def calc(task):
                 return len(task)
         """)
         worker = project.start_worker("--slots", "1", "--threads")
-        proxy = support.Proxy(worker.port, rate=10000)      # 20 s for the task: over any deadline
+        proxy = support.Proxy(worker.port, rate=5000)       # 20 s for the task: over any deadline
         self.addCleanup(proxy.close)
         project.write_hosts([proxy.address])
         completed = project.run("manager", "--timeout", "1", "--interval-polling", "0.2",

@@ -25,7 +25,7 @@ import urllib.request
 
 import support
 
-FAST = ("--interval-polling", "0.2", "--timeout", "5")
+FAST = support.FAST
 
 # Tasks are "secret-N": neither a task nor a result may ever appear on the page.  The last two
 # tasks wait for the file "release" (nothing queues behind them); task x fails when x % 7 == 3.
@@ -445,8 +445,7 @@ def calc(x):
 class ProgressLineTest(support.OdenTestCase):
     @classmethod
     def setUpClass(cls):
-        cls.project = support.Project(type("Holder", (), {"addCleanup": cls.addClassCleanup}),
-                                      library_code=PROGRESS_JOB)
+        cls.project = support.class_project(cls, library_code=PROGRESS_JOB)
         cls.project.write_hosts(cls.project.start_workers(2, "--slots", "2", "--threads"))
 
     def redraws(self, columns):

@@ -16,51 +16,18 @@ import re
 import subprocess
 import sys
 import time
-import types
 import unittest
-import urllib.request
 
 import support
 
-QUICK = ("--interval-polling", "0.2", "--timeout", "5")
-
-USER_SECTION = """
-import sys
-hosts = None
-name = "t"
-interval_polling = 0.2
-timeout = 5
-task_timeout = None
-chunksize = None
-
-
-def make_tasks():
-    return list(range(%(count)d))
-
-
-%(calc)s
-
-
-def handle_finish_machine(uri, name):
-    pass
-
-
-def handle_finish_tasks():
-    pass
-
-
-def show_status():
-    return %(status)r
-"""
+QUICK = support.FAST
+class_project = support.class_project
 
 
 def user_section(calc, count, status="status of <demo> & co"):
-    return USER_SECTION % {"calc": calc, "count": count, "status": status}
-
-
-def class_project(cls, **kwargs):
-    """A Project that lives as long as the test class (reaped by its class cleanup)."""
-    return support.Project(types.SimpleNamespace(addCleanup=cls.addClassCleanup), **kwargs)
+    """The user section of a job of `count` tasks (make_tasks) with `calc`."""
+    return support.user_section("def make_tasks():\n    return list(range(%d))\n\n\n%s\n"
+                                % (count, calc), status)
 
 
 def run_on_terminal(project, *args, timeout=120):
@@ -209,9 +176,7 @@ class PageChecker(html.parser.HTMLParser):
         self.text.append(data)
 
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.headers.get("Content-Type"), response.read().decode("utf-8")
+get = support.get_typed
 
 
 class StatusTest(support.OdenTestCase):
