@@ -105,6 +105,7 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -2031,7 +2032,22 @@ class CodeKeeper:
         return {"ok": True}
 
 
-class WorkerServer(http.server.ThreadingHTTPServer):
+class ThreadingServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer on IPv4 or IPv6 as its address says, bound without the reverse
+    DNS lookup HTTPServer.server_bind does (socket.getfqdn of the address: about 1 ms on
+    loopback here, seconds where DNS is slow) for a name nothing of ours reads."""
+
+    def __init__(self, address, handler):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class WorkerServer(ThreadingServer):
     """The worker's HTTP server: a thread per connection, at most max_connections of
     them (see Connections), and one accept thread (serve_forever) that also reaps."""
     daemon_threads = True
@@ -2041,8 +2057,6 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, state, codec, show_status, max_body, tls=None,
                  max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_READ_TIMEOUT,
                  keeper=None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, WorkerHandler)
         self.state, self.codec, self.keeper = state, codec, keeper
         self.show_status, self.max_body, self.tls = show_status, max_body, tls
@@ -4996,14 +5010,12 @@ def is_loopback_name(host_header):
     return is_loopback(name)
 
 
-class DashboardServer(http.server.ThreadingHTTPServer):
+class DashboardServer(ThreadingServer):
     """The live page's server: a thread per request; `run` and `loopback_only` are set by
     Dashboard before it serves."""
     daemon_threads = True
 
     def __init__(self, address):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, DashboardHandler)
 
 
