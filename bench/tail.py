@@ -1,4 +1,4 @@
-"""Where case 2's time goes: `python3 bench/tail.py [--runs 5] [--code DIR ...]`.
+"""Where case 2's time goes: `python3 bench/tail.py [--runs 5] [--turns 1] [--code DIR ...]`.
 
 Case 2 of run.py (400 sleeps of 20 ms on 4 workers x 4 slots), run --runs times for each
 code tree given (default: this one), the trees taking turns so that other load hits them
@@ -84,6 +84,13 @@ def main():
     parser.add_argument("--code", nargs="*", default=[os.path.dirname(HERE)],
                         help="code trees to compare (folders holding oden.py and bench/)")
     args = parser.parse_args()
+    if args.runs < 1 or args.turns < 1 or not args.code:
+        parser.error("--runs and --turns take 1 or more, --code at least one folder")
+    for code in args.code:
+        if not all(os.path.isfile(os.path.join(code, name)) for name in
+                   ("oden.py", os.path.join("bench", "run.py"), os.path.join("bench", "job.py"))):
+            parser.error("%s holds no oden.py with bench/run.py and bench/job.py: give a code "
+                         "tree (e.g. one unpacked with git archive)" % code)
     for _ in range(args.turns):
         for code in args.code:
             for run in measure(os.path.abspath(code), args.runs):

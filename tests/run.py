@@ -20,6 +20,7 @@ import collections
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,8 +211,9 @@ def wait(process, group, timeout):
 
 
 class Runner:
-    def __init__(self, groups, jobs, verbose, timeout, stream):
+    def __init__(self, groups, jobs, verbose, timeout, stream, scratch):
         self.pending = collections.deque(groups)
+        self.scratch = scratch                # the groups' temporary folder: removed at the end
         self.jobs, self.verbose, self.timeout, self.stream = jobs, verbose, timeout, stream
         self.lock = threading.Lock()
         self.running = {}                     # token -> Popen, for an interrupt
@@ -250,7 +252,7 @@ class Runner:
         token = secrets.token_hex(8)
         command = ([sys.executable, "-m", "unittest"] + (["-v"] if self.verbose else [])
                    + group.names)
-        env = dict(os.environ, **{TOKEN_ENV: token})
+        env = dict(os.environ, **{TOKEN_ENV: token, "TMPDIR": self.scratch})
         started = time.monotonic()
         group.began = started - self.started
         with tempfile.TemporaryFile() as out:
@@ -313,19 +315,32 @@ class Runner:
         self.stream.flush()
 
 
+def at_least(low, convert):
+    """An argparse type: a number (int or float) of at least `low`."""
+    def checked(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value < low:
+            raise argparse.ArgumentTypeError("%s is less than %s" % (text, low))
+        return value
+    return checked
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="tests/run.py", description="Run oden's tests in parallel subprocesses.")
     parser.add_argument("names", nargs="*", help="tests to run as unittest names them "
                         "(test_core, test_core.CoreWorkflowTest, ...); default: every test")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per test")
-    parser.add_argument("-j", "--jobs", type=int, default=JOBS,
+    parser.add_argument("-j", "--jobs", type=at_least(1, int), default=JOBS,
                         help="subprocesses at once (default: 4 per core, at most 32: %(default)s)")
     parser.add_argument("-k", dest="patterns", action="append",
                         help="only tests whose name matches this pattern (as unittest's -k)")
-    parser.add_argument("--timeout", type=float, default=300,
+    parser.add_argument("--timeout", type=at_least(1, float), default=300,
                         help="seconds a group may take before it is killed (default %(default)s)")
-    parser.add_argument("--durations", type=int, default=0, metavar="N",
+    parser.add_argument("--durations", type=at_least(0, int), default=0, metavar="N",
                         help="print the N slowest groups")
     args = parser.parse_args(argv)
     stream = sys.stderr                       # where unittest writes
@@ -348,8 +363,16 @@ def main(argv=None):
     if args.verbose:
         stream.write("tests/run.py: %d tests in %d groups, %d at a time\n"
                      % (sum(g.tests for g in groups), len(groups), jobs))
-    runner = Runner(groups, jobs, args.verbose, args.timeout, stream)
-    runner.run()
+    scratch = tempfile.mkdtemp(prefix="oden-tests-")
+    runner = Runner(groups, jobs, args.verbose, args.timeout, stream, scratch)
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        stream.write("\ninterrupted: every group still running was killed with what it started; "
+                     "%d of %d groups had finished\n" % (len(runner.finished), len(groups)))
+        return 130
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)    # what killed tests left in their TMPDIR
     took = time.monotonic() - started
 
     if not args.verbose:

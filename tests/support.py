@@ -296,12 +296,34 @@ def silent_server():
     return server.getsockname()[1], close
 
 
+def ephemeral_ports():
+    """The range the kernel picks ports from for port 0 and for outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 65535
+
+
 def free_port():
-    """A port nothing listens on (for 'worker never started' tests)."""
+    """A loopback port nothing listens on now, for a worker that starts later (or never).
+
+    Chosen at random below the kernel's ephemeral range and checked bindable: a port the
+    kernel handed out (bind to port 0) could be handed out again, to another test's worker
+    or to an outgoing connection, in the seconds before this test binds it."""
+    import random
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, _ = ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below %d" % low)
 
 
 class Manager:

@@ -276,7 +276,9 @@ class ConnectionFloodTest(support.OdenTestCase):
         status = exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         figure("400 idle connections: worker threads %d idle, %d at most; RSS %.0f MiB idle, "
                "%.0f MiB at most", idle_threads, peak, idle_rss, rss)
-        self.assertLess(peak, oden.MAX_CONNECTIONS + idle_threads + 10)
+        # Bounded, not 400: at most MAX_CONNECTIONS handlers, plus those of evicted idle
+        # connections still on their way out (a few dozen at most on a loaded machine).
+        self.assertLess(peak, oden.MAX_CONNECTIONS + idle_threads + 48)
         self.assertLess(rss - idle_rss, 64)
         self.assertEqual(status_of(status), 200, status)
 

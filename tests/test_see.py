@@ -303,7 +303,8 @@ class BrowserTest(support.OdenTestCase):
         self.assertTrue(os.path.exists(path), completed.stdout.decode("utf-8", "replace")[-2000:])
         self.assertEqual(png_size(path), (width, height))
         self.assertGreater(os.path.getsize(path), 10000, "an empty page?")
-        print("screenshot: %s" % path, file=sys.stderr)
+        if os.environ.get("ODEN_SCREENSHOTS"):     # else the folder goes with the test
+            print("screenshot: %s" % path, file=sys.stderr)
         return path
 
     def test_screenshots_of_the_live_page_and_of_the_report(self):
